@@ -1,0 +1,47 @@
+# Two entry points a newcomer needs: `make test` and (with the proxy) `make run`.
+# Both are idempotent: they install only what is missing.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := libdb5.3-dev db5.3-util sendmail-bin python3-venv gcc
+STAMP := $(VENV)/.installed
+
+.PHONY: test check lint typecheck unit system-deps venv bench clean
+
+test: venv lint typecheck unit
+
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+venv: system-deps $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# berkeleydb compiles against the system libdb found under /usr.
+	BERKELEYDB_DIR=/usr $(PY) -m pip install -q -e '.[test,lint]'
+	touch $(STAMP)
+
+lint: venv
+	$(VENV)/bin/ruff check relayproxy tests bench
+	$(VENV)/bin/ruff format --check relayproxy tests bench
+
+typecheck: venv
+	$(VENV)/bin/mypy --strict relayproxy
+
+unit: venv
+	$(VENV)/bin/pytest -q
+
+bench: venv
+	$(PY) bench/store.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -1,0 +1,369 @@
+"""The INI file: parsed into frozen dataclasses, validated as a whole.
+
+Owns the configuration's names, defaults and checks. Every problem is
+reported, not just the first, and each message names the file, the
+section, the key and what is wrong with it. Unknown sections and keys are
+errors: a misspelt key silently ignored is a security hole in a relay
+policy. Never imports Twisted.
+"""
+
+from __future__ import annotations
+
+import configparser
+import grp
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from relayproxy.addresses import IPv6KeyStyle
+
+DEFAULT_CONFIG_PATH = "/etc/relayproxy/relayproxy.ini"
+CONFIG_ENV = "RELAYPROXY_CONFIG"
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ConfigError(Exception):
+    """One or more problems; ``problems`` holds one line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    path: str = "/var/lib/relayproxy/relayers.db"
+    mode: int = 0o644
+    group: str | None = None
+    ipv6_keys: IPv6KeyStyle = IPv6KeyStyle.SENDMAIL
+    min_interval: int = 60
+    lock_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class RecordConfig:
+    exclude: tuple[Network, ...] = ()
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    format: str = "text"
+    target: str = "stderr"
+    usernames: bool = True
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    name: str
+    protocol: str
+    listen: HostPort
+    backend: HostPort
+    tls: str = "none"
+    certificate: str | None = None
+    private_key: str | None = None
+    require_tls: bool = False
+    backend_tls: str = "none"
+    backend_ca: str | None = None
+    backend_verify: bool = True
+    proxy_protocol_in: tuple[Network, ...] = ()
+    proxy_protocol_out: str = "none"
+    preauth_timeout: float = 60.0
+    idle_timeout: float = 1800.0
+    max_connections: int = 10000
+    max_connections_per_ip: int = 50
+    max_line_length: int = 8192
+    record_preauth: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    source: str
+    store: StoreConfig = field(default_factory=StoreConfig)
+    record: RecordConfig = field(default_factory=RecordConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    listeners: tuple[ListenerConfig, ...] = ()
+
+
+# --- value parsers: each returns the value or raises ValueError with the reason ---
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("yes", "true", "on", "1"):
+        return True
+    if lowered in ("no", "false", "off", "0"):
+        return False
+    raise ValueError(f"{text!r} is not yes or no")
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise ValueError(f"{text!r} is not one of {', '.join(choices)}")
+        return text
+
+    return parse
+
+
+def _integer(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        if not re.fullmatch(r"[0-9]+", text):
+            raise ValueError(f"{text!r} is not a whole number")
+        value = int(text)
+        if not low <= value <= high:
+            raise ValueError(f"{value} is outside {low}..{high}")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < 10**7:
+        raise ValueError(f"{text!r} must be a positive number of seconds")
+    return value
+
+
+def _mode(text: str) -> int:
+    if not re.fullmatch(r"0?[0-7]{3}", text):
+        raise ValueError(f"{text!r} is not an octal mode such as 0644")
+    mode = int(text, 8)
+    if mode & 0o111:
+        raise ValueError(f"{text} makes a database file executable")
+    if not mode & 0o600 == 0o600:
+        raise ValueError(f"{text} does not let the owner read and write the file")
+    return mode
+
+
+def _group(text: str) -> str:
+    try:
+        grp.getgrnam(text)
+    except KeyError:
+        raise ValueError(f"no group named {text!r} on this system") from None
+    return text
+
+
+def _path(text: str) -> str:
+    if not os.path.isabs(text):
+        raise ValueError(f"{text!r} is not an absolute path")
+    return text
+
+
+def _networks(text: str) -> tuple[Network, ...]:
+    networks: list[Network] = []
+    for word in (w.strip() for w in text.split(",")):
+        if not word:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(word, strict=True))
+        except ValueError as exc:
+            raise ValueError(f"{word!r} is not a network ({exc})") from None
+    return tuple(networks)
+
+
+def _host_port(text: str) -> HostPort:
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:([0-9]+)|([^:\[\]]+):([0-9]+)", text)
+    if not match:
+        raise ValueError(f"{text!r} is not host:port or [ipv6]:port")
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4))
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} is outside 1..65535")
+    if match.group(1):
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IPv6 address") from None
+    return HostPort(host, port)
+
+
+def _log_target(text: str) -> str:
+    if text in ("stderr", "syslog", "journald"):
+        return text
+    if text.startswith("file:") and os.path.isabs(text[5:]):
+        return text
+    raise ValueError(f"{text!r} is not stderr, syslog, journald or file:/absolute/path")
+
+
+def _ipv6_keys(text: str) -> IPv6KeyStyle:
+    try:
+        return IPv6KeyStyle(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not one of sendmail, postfix, both") from None
+
+
+Parsers = Mapping[str, Callable[[str], Any]]
+
+_STORE_KEYS: Parsers = {
+    "path": _path,
+    "mode": _mode,
+    "group": _group,
+    "ipv6_keys": _ipv6_keys,
+    "min_interval": _integer(0, 86400 * 365),
+    "lock_timeout": _seconds,
+}
+_RECORD_KEYS: Parsers = {"exclude": _networks}
+_LOG_KEYS: Parsers = {
+    "format": _choice("text", "json"),
+    "target": _log_target,
+    "usernames": parse_bool,
+}
+_LISTENER_KEYS: Parsers = {
+    "protocol": _choice("pop3", "imap"),
+    "listen": _host_port,
+    "backend": _host_port,
+    "tls": _choice("none", "starttls", "implicit"),
+    "certificate": _path,
+    "private_key": _path,
+    "require_tls": parse_bool,
+    "backend_tls": _choice("none", "starttls", "implicit"),
+    "backend_ca": _path,
+    "backend_verify": parse_bool,
+    "proxy_protocol_in": _networks,
+    "proxy_protocol_out": _choice("none", "v1", "v2"),
+    "preauth_timeout": _seconds,
+    "idle_timeout": _seconds,
+    "max_connections": _integer(1, 1_000_000),
+    "max_connections_per_ip": _integer(1, 1_000_000),
+    "max_line_length": _integer(512, 1_048_576),
+    "record_preauth": parse_bool,
+}
+_REQUIRED_LISTENER_KEYS = ("protocol", "listen", "backend")
+
+
+class _Reader:
+    """Collects problems while turning one section's strings into values."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.problems: list[str] = []
+
+    def problem(self, section: str, key: str | None, message: str) -> None:
+        where = f"[{section}]" + (f" {key}" if key else "")
+        self.problems.append(f"{self.source}: {where}: {message}")
+
+    def section(self, name: str, raw: Mapping[str, str], parsers: Parsers) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for key, text in raw.items():
+            parser = parsers.get(key)
+            if parser is None:
+                known = ", ".join(sorted(parsers))
+                self.problem(name, key, f"unknown key (known keys: {known})")
+                continue
+            try:
+                values[key] = parser(text.strip())
+            except ValueError as exc:
+                self.problem(name, key, str(exc))
+        return values
+
+
+def load_config(path: str) -> Config:
+    """Read and validate ``path``; raises ConfigError listing every problem."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text ({exc.reason})"]) from None
+    return parse_config(text, path)
+
+
+def parse_config(text: str, source: str) -> Config:
+    parser = configparser.ConfigParser(
+        interpolation=None,
+        inline_comment_prefixes=(";", "#"),
+        empty_lines_in_values=False,
+        default_section="\x00no default section",
+    )
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    try:
+        parser.read_string(text, source)
+    except configparser.Error as exc:
+        message = " ".join(str(exc).split())
+        raise ConfigError([f"{source}: {message}"]) from None
+    reader = _Reader(source)
+    store: dict[str, Any] = {}
+    record: dict[str, Any] = {}
+    log: dict[str, Any] = {}
+    listeners: list[ListenerConfig] = []
+    for name in parser.sections():
+        raw = dict(parser.items(name))
+        if name == "store":
+            store = reader.section(name, raw, _STORE_KEYS)
+        elif name == "record":
+            record = reader.section(name, raw, _RECORD_KEYS)
+        elif name == "log":
+            log = reader.section(name, raw, _LOG_KEYS)
+        elif name.startswith("listener:") and name[len("listener:") :]:
+            listener = _listener(reader, name, raw)
+            if listener is not None:
+                listeners.append(listener)
+        else:
+            reader.problem(name, None, "unknown section (known: store, record, log, listener:NAME)")
+    _check_listeners(reader, listeners)
+    if reader.problems:
+        raise ConfigError(reader.problems)
+    return Config(
+        source=source,
+        store=StoreConfig(**store),
+        record=RecordConfig(**record),
+        log=LogConfig(**log),
+        listeners=tuple(listeners),
+    )
+
+
+def _listener(reader: _Reader, section: str, raw: Mapping[str, str]) -> ListenerConfig | None:
+    before = len(reader.problems)
+    values = reader.section(section, raw, _LISTENER_KEYS)
+    for key in _REQUIRED_LISTENER_KEYS:
+        if key not in raw:
+            reader.problem(section, key, "missing (required in every listener)")
+    tls = values.get("tls", "none")
+    if tls != "none":
+        for key in ("certificate", "private_key"):
+            if key not in values and key not in raw:
+                reader.problem(section, key, f"missing (required with tls = {tls})")
+    if values.get("require_tls") and tls == "none":
+        reader.problem(section, "require_tls", "yes needs tls = starttls or implicit")
+    if len(reader.problems) != before:
+        return None
+    return ListenerConfig(name=section[len("listener:") :], **values)
+
+
+def _check_listeners(reader: _Reader, listeners: list[ListenerConfig]) -> None:
+    seen: dict[HostPort, str] = {}
+    for listener in listeners:
+        other = seen.setdefault(listener.listen, listener.name)
+        if other != listener.name:
+            reader.problem(
+                f"listener:{listener.name}",
+                "listen",
+                f"{listener.listen} is also [listener:{other}]",
+            )
+
+
+def find_config_path(explicit: str | None) -> str | None:
+    """``--config``, else ``$RELAYPROXY_CONFIG``, else the default file when it exists."""
+    if explicit:
+        return explicit
+    from_env = os.environ.get(CONFIG_ENV)
+    if from_env:
+        return from_env
+    return DEFAULT_CONFIG_PATH if os.path.exists(DEFAULT_CONFIG_PATH) else None
