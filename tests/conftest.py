@@ -14,6 +14,7 @@ import pytest
 
 MAKEMAP = shutil.which("makemap") or "/usr/sbin/makemap"
 DB_DUMP = shutil.which("db5.3_dump") or "/usr/bin/db5.3_dump"
+DB_LOAD = shutil.which("db5.3_load") or "/usr/bin/db5.3_load"
 DB_VERIFY = shutil.which("db5.3_verify") or "/usr/bin/db5.3_verify"
 
 Run = Callable[..., subprocess.CompletedProcess[str]]

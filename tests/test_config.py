@@ -114,5 +114,5 @@ def test_all_problems_are_reported_at_once() -> None:
 
 
 def test_an_unreadable_file_is_named(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="missing.ini: cannot read: No such file"):
+    with pytest.raises(ConfigError, match=r"missing\.ini: cannot read: No such file"):
         load_config(str(tmp_path / "missing.ini"))

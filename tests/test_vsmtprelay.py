@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 
 from relayproxy import __version__
 from relayproxy.cli.vsmtprelay import main
-from tests.conftest import Run, makemap, makemap_entries
+from tests.conftest import DB_DUMP, DB_LOAD, Run, makemap, makemap_entries
 
 
 @pytest.fixture
@@ -222,3 +223,15 @@ def test_root_leaves_files_the_daemon_user_can_still_write(vsmtprelay: Run, open
     assert vsmtprelay("--db", str(db), "add", "192.0.2.3", "3", user="65534").returncode == 0
     assert makemap_entries(db) == {"192.0.2.1": "1", "192.0.2.2": "2", "192.0.2.3": "3"}
     assert (db.stat().st_uid, Path(f"{db}.journal").stat().st_uid) == (65534, 65534)
+
+
+def test_db_dump_and_db_load_round_trip_our_file(vsmtprelay: Run, db: Path) -> None:
+    for n in range(30):
+        vsmtprelay("--db", str(db), "add", f"198.51.100.{n}", str(1_700_000_000 + n))
+    vsmtprelay("--db", str(db), "add", "2001:db8::99", "1700000099")
+    dumped = subprocess.run([DB_DUMP, str(db)], capture_output=True, check=True).stdout
+    loaded = db.parent / "loaded.db"
+    subprocess.run([DB_LOAD, str(loaded)], input=dumped, check=True)
+    assert (
+        vsmtprelay("--db", str(loaded), "dump").stdout == vsmtprelay("--db", str(db), "dump").stdout
+    )
