@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := libdb5.3-dev db5.3-util sendmail-bin python3-venv gcc
+APT_PACKAGES := libdb5.3-dev db5.3-util sendmail-bin dovecot-core dovecot-pop3d dovecot-imapd curl openssl python3-venv gcc
 STAMP := $(VENV)/.installed
 
 .PHONY: test check lint typecheck unit system-deps venv bench clean

@@ -63,6 +63,7 @@ class LogConfig:
     format: str = "text"
     target: str = "stderr"
     usernames: bool = True
+    level: str = "info"
 
 
 @dataclass(frozen=True)
@@ -223,6 +224,7 @@ _LOG_KEYS: Parsers = {
     "format": _choice("text", "json"),
     "target": _log_target,
     "usernames": parse_bool,
+    "level": _choice("debug", "info", "warn", "error"),
 }
 _LISTENER_KEYS: Parsers = {
     "protocol": _choice("pop3", "imap"),

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from demo.dovecot import Dovecot, running_dovecot
+from tests.daemon import Daemon
+
 MAKEMAP = shutil.which("makemap") or "/usr/sbin/makemap"
 DB_DUMP = shutil.which("db5.3_dump") or "/usr/bin/db5.3_dump"
 DB_LOAD = shutil.which("db5.3_load") or "/usr/bin/db5.3_load"
@@ -57,3 +60,21 @@ def makemap_entries(db_path: Path) -> dict[str, str]:
     result = makemap("-u", "hash", str(db_path)[: -len(".db")])
     assert result.returncode == 0, result.stderr
     return dict(line.split("\t", 1) for line in result.stdout.splitlines())
+
+
+@pytest.fixture(scope="session")
+def dovecot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dovecot]:
+    """One real Dovecot for the whole run (POP3, IMAP, TLS, haproxy listeners)."""
+    if shutil.which("dovecot") is None:
+        pytest.skip("dovecot is not installed (make test installs it)")
+    with running_dovecot(tmp_path_factory.mktemp("dovecot")) as server:
+        yield server
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    """A relayproxy daemon to configure (``listener()``), then ``start()``."""
+    proxy = Daemon(tmp_path)
+    yield proxy
+    if proxy.process is not None and proxy.process.poll() is None:
+        assert proxy.stop() == 0, proxy.log()

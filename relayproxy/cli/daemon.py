@@ -1,0 +1,89 @@
+"""``relayproxy``: the daemon's command line.
+
+Exit statuses: 0 stopped cleanly (or ``--check-config`` found no problem),
+1 could not start (a listener could not bind), 2 a bad configuration: every
+problem printed, one line each, naming file, section and key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Sequence
+
+from twisted.internet import reactor
+
+from relayproxy import __version__
+from relayproxy.config import (
+    DEFAULT_CONFIG_PATH,
+    Config,
+    ConfigError,
+    find_config_path,
+    load_config,
+)
+from relayproxy.logs import start_logging
+from relayproxy.service import ListenError, RelayProxyService, load_tls
+from relayproxy.tls import ListenerTLS, TLSConfigError
+
+PROG = "relayproxy"
+
+
+def _fail(lines: Sequence[str], status: int) -> int:
+    for line in lines:
+        print(f"{PROG}: {line}", file=sys.stderr)
+    return status
+
+
+def load(path: str) -> tuple[Config, dict[str, ListenerTLS]]:
+    """Parse the file and every certificate it names; raises ConfigError or TLSConfigError."""
+    config = load_config(path)
+    if not config.listeners:
+        raise ConfigError([f"{path}: no [listener:NAME] section: nothing to proxy"])
+    return config, load_tls(config)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="POP3/IMAP proxy that records successful logins in relayers.db "
+        "for POP-before-SMTP relaying.",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        help=f"the INI file (default: $RELAYPROXY_CONFIG, else {DEFAULT_CONFIG_PATH})",
+    )
+    parser.add_argument(
+        "--check-config", action="store_true", help="validate the configuration and exit 0 or 2"
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    options = parser.parse_args(argv)
+    path = find_config_path(options.config) or DEFAULT_CONFIG_PATH
+    try:
+        config, tls = load(path)
+    except (ConfigError, TLSConfigError) as exc:
+        return _fail(exc.problems, 2)
+    if options.check_config:
+        print(f"{PROG}: {path}: OK, {len(config.listeners)} listener(s)")
+        return 0
+    return run(config, tls)
+
+
+def run(config: Config, tls: dict[str, ListenerTLS]) -> int:
+    service = RelayProxyService(config, reactor, tls)
+    try:
+        service.listen()
+    except ListenError as exc:
+        return _fail([str(exc)], 1)
+    observer = start_logging(config.log)
+    # logrotate renames the file, then sends SIGUSR1 (config/logrotate.d).
+    signal.signal(signal.SIGUSR1, lambda signum, frame: observer.reopen())
+    service.startService()
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    reactor.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""What every login watcher shares: actions, limits, line framing, SASL user names.
+
+Owns the vocabulary between a sans-I/O watcher (pop3, imap) and the
+Twisted glue that executes its decisions. Never imports Twisted, never
+does I/O: a watcher is fed bytes and returns a list of actions, which the
+glue carries out in order.
+
+Secrets: the helpers that look inside SASL responses return the user name
+only; the decoded bytes (and the password in them) stay local variables.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class ToServer:
+    """Write these bytes to the backend."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ToClient:
+    """Write these bytes to the client."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StartClientTLS:
+    """Begin the TLS handshake with the client, after the bytes written before."""
+
+
+@dataclass(frozen=True, slots=True)
+class StartServerTLS:
+    """Begin the TLS handshake with the backend, after the bytes written before."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoginSucceeded:
+    """The backend accepted a login: the moment to record the client's address."""
+
+    user: str | None
+    mechanism: str
+
+
+@dataclass(frozen=True, slots=True)
+class LoginFailed:
+    user: str | None
+    mechanism: str
+
+
+@dataclass(frozen=True, slots=True)
+class Splice:
+    """Parsing is over: relay raw bytes both ways from now on."""
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Close both connections once what was written before has been sent."""
+
+    reason: str
+
+
+Action = (
+    ToServer
+    | ToClient
+    | StartClientTLS
+    | StartServerTLS
+    | LoginSucceeded
+    | LoginFailed
+    | Splice
+    | Close
+)
+
+
+class TLSMode(enum.Enum):
+    NONE = "none"
+    STARTTLS = "starttls"
+    IMPLICIT = "implicit"
+
+
+@dataclass(frozen=True, slots=True)
+class WatcherSettings:
+    """The listener settings a watcher's decisions depend on."""
+
+    client_tls: TLSMode = TLSMode.NONE
+    require_tls: bool = False
+    backend_tls: TLSMode = TLSMode.NONE
+    max_line_length: int = 8192
+    # Client bytes held while a command is in flight (lockstep before login).
+    max_held_bytes: int = 65536
+    # A capability list or a greeting from the backend, before login.
+    max_server_line_length: int = 65536
+    # IMAP: the largest literal a client may send before login.
+    max_literal_length: int = 65536
+    record_preauth: bool = False
+
+
+class Watcher(Protocol):
+    """The face every protocol watcher shows the glue."""
+
+    def client_data(self, data: bytes) -> list[Action]: ...
+
+    def server_data(self, data: bytes) -> list[Action]: ...
+
+    def client_tls_started(self) -> list[Action]: ...
+
+    def server_tls_started(self) -> list[Action]: ...
+
+    def refusal(self, reason: str) -> bytes:
+        """What to tell a client before closing it (limits, timeouts, backend down)."""
+        ...
+
+
+class LineTooLongError(Exception):
+    """More bytes than the limit arrived without a line end."""
+
+
+class LineBuffer:
+    """Bytes in, complete lines (with their line end) out; bounded.
+
+    A line ends at LF; the CR before it, if any, stays part of the line, so
+    forwarding a line forwards exactly the bytes that were received.
+    """
+
+    def __init__(self, max_line_length: int) -> None:
+        self.max_line_length = max_line_length
+        self._buffer = bytearray()
+        self._scanned = 0  # bytes already known to hold no LF
+
+    def __len__(self) -> int:
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+
+    def next_line(self) -> bytes | None:
+        end = self._buffer.find(b"\n", self._scanned)
+        if end < 0:
+            self._scanned = len(self._buffer)
+            if len(self._buffer) > self.max_line_length:
+                raise LineTooLongError
+            return None
+        if end + 1 > self.max_line_length:
+            raise LineTooLongError
+        line = bytes(self._buffer[: end + 1])
+        del self._buffer[: end + 1]
+        self._scanned = 0
+        return line
+
+    def take(self, size: int) -> bytes | None:
+        """Exactly ``size`` bytes (an IMAP literal), or None until they are here."""
+        if len(self._buffer) < size:
+            return None
+        chunk = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        self._scanned = 0
+        return chunk
+
+    def take_all(self) -> bytes:
+        rest = bytes(self._buffer)
+        self._buffer.clear()
+        self._scanned = 0
+        return rest
+
+
+def strip_eol(line: bytes) -> bytes:
+    if line.endswith(b"\r\n"):
+        return line[:-2]
+    if line.endswith(b"\n"):
+        return line[:-1]
+    return line
+
+
+def _b64(text: bytes) -> bytes | None:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def printable_name(raw: bytes) -> str | None:
+    """A login name fit for a log line, or None."""
+    try:
+        name = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return name if name and name.isprintable() and len(name) <= 256 else None
+
+
+class SaslUserFinder:
+    """Learns the login name from a SASL exchange, never the password.
+
+    PLAIN carries ``authzid NUL authcid NUL password`` (RFC 4616), LOGIN sends
+    the user name as its first response, CRAM-MD5 answers ``user digest``
+    (RFC 2195), SCRAM's client-first message holds ``n=user`` (RFC 5802).
+    Other mechanisms leave the name unknown.
+    """
+
+    def __init__(self, mechanism: str) -> None:
+        self.mechanism = mechanism.upper()
+        self.user: str | None = None
+        self._responses = 0
+
+    def response(self, encoded: bytes) -> None:
+        """One client response (base64, as sent on the wire)."""
+        self._responses += 1
+        if self.user is not None or self._responses > 1:
+            return
+        decoded = _b64(encoded.strip())
+        if decoded is None:
+            return
+        if self.mechanism == "PLAIN":
+            parts = decoded.split(b"\x00")
+            if len(parts) == 3:
+                self.user = printable_name(parts[1])
+        elif self.mechanism == "LOGIN":
+            self.user = printable_name(decoded)
+        elif self.mechanism == "CRAM-MD5":
+            self.user = printable_name(decoded.rsplit(b" ", 1)[0]) if b" " in decoded else None
+        elif self.mechanism.startswith("SCRAM-"):
+            for field in decoded.split(b","):
+                if field.startswith(b"n="):
+                    self.user = printable_name(
+                        field[2:].replace(b"=2C", b",").replace(b"=3D", b"=")
+                    )
+                    break
+        del decoded

@@ -1,0 +1,381 @@
+"""The POP3 login watcher: sans-I/O, no Twisted.
+
+Theory of operation
+-------------------
+One ``Pop3Watcher`` sits between a client and a POP3 backend until the
+client has logged in. It is fed the bytes of both directions and returns
+actions (``relayproxy.protocols.common``) for the glue to carry out.
+
+Lockstep: a client command is forwarded only when no other command is in
+flight; later client bytes are held (up to ``max_held_bytes``) until the
+backend's complete response to that command has passed. So the response a
+watcher reads is always the answer to the command it remembers, and a
+pipelined ``PASS bad`` + ``NOOP`` cannot have the ``+OK`` meant for the NOOP
+taken as a login (RFC 1939 has no tags to tell them apart).
+
+A login succeeds only on ``+OK`` answering ``PASS``, ``APOP`` or the final
+line of ``AUTH`` (RFC 5034: ``+ `` lines are continuations, ``*`` from the
+client cancels). Then the watcher emits ``LoginSucceeded`` and ``Splice``
+and is never consulted again: post-login bytes are relayed raw.
+
+The proxy, not the backend, answers ``STLS`` (RFC 2595) when its listener
+offers TLS: client bytes that arrived after the STLS line are discarded,
+never carried into the TLS session (CVE-2011-0411). ``CAPA`` (RFC 2449) is
+rewritten so the client sees the proxy's truth: STLS offered only when the
+proxy can, and with ``require_tls`` no USER and no SASL before TLS.
+
+Everything that decides a state change lives in this file; the states and
+their transitions are the table ``TRANSITIONS``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from relayproxy.protocols.common import (
+    Action,
+    Close,
+    LineBuffer,
+    LineTooLongError,
+    LoginFailed,
+    LoginSucceeded,
+    SaslUserFinder,
+    Splice,
+    StartClientTLS,
+    StartServerTLS,
+    TLSMode,
+    ToClient,
+    ToServer,
+    WatcherSettings,
+    printable_name,
+    strip_eol,
+)
+
+
+class State(enum.Enum):
+    GREETING = "greeting"  # waiting for the backend's greeting
+    BACKEND_STLS = "backend-stls"  # the proxy sent STLS to the backend
+    READY = "ready"  # nothing in flight: the next client line is a command
+    RESPONSE = "response"  # waiting for the status line of the command in flight
+    MULTILINE = "multiline"  # inside a multi-line response, until "."
+    SASL_SERVER = "sasl-server"  # AUTH in flight: waiting for a server line
+    SASL_CLIENT = "sasl-client"  # AUTH in flight: the client owes a response
+    CLIENT_TLS = "client-tls"  # STLS answered: the glue is starting TLS
+    SPLICED = "spliced"  # logged in: no more parsing
+    CLOSED = "closed"
+
+
+class Event(enum.Enum):
+    GREETING = "greeting"
+    GREETING_NEEDS_STLS = "greeting, backend STLS first"
+    COMMAND = "command"
+    AUTH = "AUTH command"
+    STLS = "STLS answered by the proxy"
+    TLS_STARTED = "client TLS started"
+    STATUS = "status line, single-line response"
+    STATUS_MULTILINE = "+OK opening a multi-line response"
+    END_OF_BODY = "'.' ending a multi-line response"
+    CONTINUATION = "'+ ' continuation"
+    CLIENT_RESPONSE = "client SASL response"
+    LOGIN_OK = "+OK to a login command"
+    CLOSE = "close"
+
+
+TRANSITIONS: dict[State, dict[Event, State]] = {
+    State.GREETING: {
+        Event.GREETING: State.READY,
+        Event.GREETING_NEEDS_STLS: State.BACKEND_STLS,
+    },
+    State.BACKEND_STLS: {Event.STATUS: State.READY},
+    State.READY: {
+        Event.COMMAND: State.RESPONSE,
+        Event.AUTH: State.SASL_SERVER,
+        Event.STLS: State.CLIENT_TLS,
+    },
+    State.CLIENT_TLS: {Event.TLS_STARTED: State.READY},
+    State.RESPONSE: {
+        Event.STATUS: State.READY,
+        Event.STATUS_MULTILINE: State.MULTILINE,
+        Event.LOGIN_OK: State.SPLICED,
+    },
+    State.MULTILINE: {Event.END_OF_BODY: State.READY},
+    State.SASL_SERVER: {
+        Event.CONTINUATION: State.SASL_CLIENT,
+        Event.STATUS: State.READY,
+        Event.LOGIN_OK: State.SPLICED,
+    },
+    State.SASL_CLIENT: {Event.CLIENT_RESPONSE: State.SASL_SERVER},
+    State.SPLICED: {},
+    State.CLOSED: {},
+}
+
+# Commands whose +OK opens a multi-line response (RFC 1939, 2449, 5034);
+# the second set only when given no argument.
+_MULTILINE_ALWAYS = frozenset({b"CAPA", b"RETR", b"TOP"})
+_MULTILINE_WITHOUT_ARGUMENT = frozenset({b"LIST", b"UIDL", b"AUTH"})
+_AUTH_COMMANDS = frozenset({b"USER", b"PASS", b"APOP", b"AUTH"})
+
+OK, ERR, CONTINUE, OTHER = "ok", "err", "continue", "other"
+
+
+def status_of(line: bytes) -> str:
+    text = strip_eol(line)
+    if text == b"+OK" or text.startswith(b"+OK "):
+        return OK
+    if text == b"-ERR" or text.startswith(b"-ERR "):
+        return ERR
+    if text == b"+" or text.startswith(b"+ "):
+        return CONTINUE
+    return OTHER
+
+
+@dataclass
+class _InFlight:
+    verb: bytes
+    multiline: bool = False
+    mechanism: str | None = None  # set for the commands whose +OK is a login
+    user: str | None = None
+    sasl: SaslUserFinder | None = None
+    cancelled: bool = False
+    capa_lines: list[bytes] = field(default_factory=list)
+
+
+class ProtocolViolationError(Exception):
+    """An event the table has no transition for: the glue closes the session."""
+
+
+class Pop3Watcher:
+    """Sans-I/O POP3 login watcher; see the module docstring."""
+
+    protocol = "pop3"
+
+    def __init__(self, settings: WatcherSettings) -> None:
+        self.settings = settings
+        self.state = State.GREETING
+        self.tls_active = settings.client_tls is TLSMode.IMPLICIT
+        self._client = LineBuffer(settings.max_line_length)
+        self._server = LineBuffer(settings.max_server_line_length)
+        self._inflight: _InFlight | None = None
+        self._user: str | None = None  # from an accepted USER, for the log
+        self._greeting = b""
+
+    # -- the glue's entry points --
+
+    def client_data(self, data: bytes) -> list[Action]:
+        if self.state is State.SPLICED:
+            return [ToServer(data)]
+        if self.state in (State.CLIENT_TLS, State.CLOSED):
+            return []  # after STLS: discarded, never carried into TLS
+        self._client.feed(data)
+        return self._drain_client()
+
+    def server_data(self, data: bytes) -> list[Action]:
+        if self.state is State.SPLICED:
+            return [ToClient(data)]
+        if self.state is State.CLOSED:
+            return []
+        self._server.feed(data)
+        actions: list[Action] = []
+        while not self._parsing_over():
+            try:
+                line = self._server.next_line()
+            except LineTooLongError:
+                return [*actions, *self._close("backend sent an overlong line", b"backend error")]
+            if line is None:
+                break
+            actions += self._server_line(line)
+        if self._spliced():
+            if rest := self._server.take_all():
+                actions.append(ToClient(rest))
+            if held := self._client.take_all():
+                actions.append(ToServer(held))  # pipelined after the login: post-login now
+            return actions
+        return actions + self._drain_client()
+
+    def client_tls_started(self) -> list[Action]:
+        self._move(Event.TLS_STARTED)
+        self.tls_active = True
+        return self._drain_client()
+
+    def server_tls_started(self) -> list[Action]:
+        return []
+
+    def refusal(self, reason: str) -> bytes:
+        return b"-ERR " + reason.encode("ascii", "replace") + b"\r\n"
+
+    # -- transitions --
+
+    def _spliced(self) -> bool:
+        # A method, not an inline test: mypy keeps the narrowing of
+        # self.state from before the loop that changed it.
+        return self.state is State.SPLICED
+
+    def _parsing_over(self) -> bool:
+        return self.state in (State.SPLICED, State.CLOSED)
+
+    def _move(self, event: Event) -> None:
+        try:
+            self.state = TRANSITIONS[self.state][event]
+        except KeyError:
+            raise ProtocolViolationError(f"{event.value} in state {self.state.value}") from None
+
+    def _close(self, reason: str, tell_client: bytes | None = None) -> list[Action]:
+        self.state = State.CLOSED
+        actions: list[Action] = []
+        if tell_client is not None:
+            actions.append(ToClient(self.refusal(tell_client.decode())))
+        actions.append(Close(reason))
+        return actions
+
+    # -- client side --
+
+    def _drain_client(self) -> list[Action]:
+        actions: list[Action] = []
+        while self.state in (State.READY, State.SASL_CLIENT):
+            try:
+                line = self._client.next_line()
+            except LineTooLongError:
+                return [*actions, *self._close("client line too long", b"line too long")]
+            if line is None:
+                break
+            if self.state is State.READY:
+                actions += self._command(line)
+            else:
+                actions += self._sasl_response(line)
+        if len(self._client) > self.settings.max_held_bytes:
+            return [*actions, *self._close("client sent too much before login", b"too much data")]
+        return actions
+
+    def _tls_required_now(self) -> bool:
+        return self.settings.require_tls and not self.tls_active
+
+    def _offers_stls(self) -> bool:
+        return self.settings.client_tls is TLSMode.STARTTLS and not self.tls_active
+
+    def _command(self, line: bytes) -> list[Action]:
+        verb, _, argument = strip_eol(line).partition(b" ")
+        verb = verb.upper()
+        if verb == b"STLS":
+            if not self._offers_stls():
+                return [ToClient(b"-ERR STLS not available\r\n")]
+            self._client.take_all()
+            self._move(Event.STLS)
+            return [ToClient(b"+OK Begin TLS negotiation\r\n"), StartClientTLS()]
+        if verb in _AUTH_COMMANDS and self._tls_required_now():
+            return [ToClient(b"-ERR TLS required: use STLS first\r\n")]
+        if verb == b"AUTH" and argument:
+            mechanism, _, initial = argument.partition(b" ")
+            name = mechanism.decode("ascii", "replace").upper()
+            finder = SaslUserFinder(name)
+            if initial and initial != b"=":
+                finder.response(initial)
+            self._inflight = _InFlight(verb, mechanism=name, sasl=finder)
+            self._move(Event.AUTH)
+            return [ToServer(line)]
+        inflight = _InFlight(
+            verb,
+            multiline=verb in _MULTILINE_ALWAYS
+            or (verb in _MULTILINE_WITHOUT_ARGUMENT and not argument),
+        )
+        if verb == b"USER":
+            inflight.user = printable_name(argument)
+        elif verb == b"PASS":
+            inflight.mechanism, inflight.user = "USER", self._user
+        elif verb == b"APOP":
+            inflight.mechanism = "APOP"
+            inflight.user = (
+                printable_name(argument.rsplit(b" ", 1)[0]) if b" " in argument else None
+            )
+        self._inflight = inflight
+        self._move(Event.COMMAND)
+        return [ToServer(line)]
+
+    def _sasl_response(self, line: bytes) -> list[Action]:
+        inflight = self._inflight
+        assert inflight is not None and inflight.sasl is not None
+        if strip_eol(line) == b"*":
+            inflight.cancelled = True
+        else:
+            inflight.sasl.response(strip_eol(line))
+        self._move(Event.CLIENT_RESPONSE)
+        return [ToServer(line)]
+
+    # -- server side --
+
+    def _server_line(self, line: bytes) -> list[Action]:
+        state = self.state
+        if state is State.GREETING:
+            return self._greeting_line(line)
+        if state is State.BACKEND_STLS:
+            if status_of(line) != OK:
+                return self._close("backend refused STLS", b"backend unavailable")
+            self._move(Event.STATUS)
+            return [StartServerTLS(), ToClient(self._greeting)]
+        if state is State.MULTILINE:
+            return self._body_line(line)
+        inflight = self._inflight
+        if state in (State.READY, State.CLIENT_TLS) or inflight is None:
+            return [ToClient(line)]  # unsolicited (a timeout notice before the backend closes)
+        status = status_of(line)
+        if state is State.SASL_SERVER:
+            if status == CONTINUE:
+                self._move(Event.CONTINUATION)
+                return [ToClient(line)]
+            assert inflight.sasl is not None
+            inflight.user = inflight.sasl.user
+        if status == OK and inflight.mechanism is not None:
+            self._move(Event.LOGIN_OK)
+            return [ToClient(line), LoginSucceeded(inflight.user, inflight.mechanism), Splice()]
+        if status == OK and inflight.multiline:
+            self._move(Event.STATUS_MULTILINE)
+            if inflight.verb == b"CAPA":
+                inflight.capa_lines.append(line)
+                return []  # held whole, to be rewritten at its end
+            return [ToClient(line)]
+        self._move(Event.STATUS)
+        self._inflight = None
+        actions: list[Action] = [ToClient(line)]
+        if inflight.verb == b"USER":
+            self._user = inflight.user if status == OK else None
+        elif inflight.mechanism is not None and not inflight.cancelled:
+            actions.append(LoginFailed(inflight.user, inflight.mechanism))
+        return actions
+
+    def _greeting_line(self, line: bytes) -> list[Action]:
+        if status_of(line) != OK:
+            return [ToClient(line), Close("backend refused the connection")]
+        if self.settings.backend_tls is TLSMode.STARTTLS:
+            self._greeting = line
+            self._move(Event.GREETING_NEEDS_STLS)
+            return [ToServer(b"STLS\r\n")]
+        self._move(Event.GREETING)
+        return [ToClient(line)]
+
+    def _body_line(self, line: bytes) -> list[Action]:
+        inflight = self._inflight
+        assert inflight is not None
+        if strip_eol(line) != b".":
+            if inflight.verb == b"CAPA":
+                inflight.capa_lines.append(line)
+                return []
+            return [ToClient(line)]
+        self._move(Event.END_OF_BODY)
+        self._inflight = None
+        if inflight.verb == b"CAPA":
+            status, *listed = inflight.capa_lines
+            return [ToClient(status + b"".join(self._capabilities(listed)) + line)]
+        return [ToClient(line)]
+
+    def _capabilities(self, lines: list[bytes]) -> list[bytes]:
+        hide_logins = self._tls_required_now()
+        shown = []
+        for line in lines:
+            name = strip_eol(line).split(b" ", 1)[0].upper()
+            # The backend's STLS is the proxy's to offer, or not.
+            if name == b"STLS" or (hide_logins and name in (b"USER", b"SASL")):
+                continue
+            shown.append(line)
+        if self._offers_stls():
+            shown.append(b"STLS\r\n")
+        return shown

@@ -1,0 +1,478 @@
+"""The Twisted glue: two transports, a watcher between them, then a plain relay.
+
+Owns sockets, timers, TLS start-up and back-pressure; makes no protocol
+decision of its own. Before login every byte goes through the listener's
+sans-I/O watcher (``relayproxy.protocols``) and the glue carries out the
+actions it returns, in order. After ``Splice`` the watcher is dropped and
+the relay is ``twisted.protocols.portforward``'s: each side writes to the
+other and each transport is the other's producer, so a slow reader
+throttles a fast writer instead of filling memory.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from OpenSSL import SSL
+from twisted.internet import address as twisted_address
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
+from twisted.protocols.haproxy._v1parser import V1Parser
+from twisted.protocols.haproxy._v2parser import V2Parser
+from twisted.python.failure import Failure
+
+from relayproxy.addresses import AddressError, IPAddress, peer_address
+from relayproxy.config import ListenerConfig, Network
+from relayproxy.protocols.common import (
+    Action,
+    Close,
+    LoginFailed,
+    LoginSucceeded,
+    Splice,
+    StartClientTLS,
+    StartServerTLS,
+    ToClient,
+    ToServer,
+    Watcher,
+)
+from relayproxy.proxy_header import looks_like_proxy_header, proxy_header_v1, proxy_header_v2
+from relayproxy.recorder import Recorder
+from relayproxy.tls import ListenerTLS
+
+log = Logger(namespace="relayproxy")
+
+
+class ConnectionLimits:
+    """Open connections of one listener, overall and per client address."""
+
+    def __init__(self, total: int, per_address: int) -> None:
+        self.total = total
+        self.per_address = per_address
+        self.open = 0
+        self._by_address: Counter[IPAddress] = Counter()
+
+    def admit(self, address: IPAddress) -> bool:
+        if self.open >= self.total or self._by_address[address] >= self.per_address:
+            return False
+        self.open += 1
+        self._by_address[address] += 1
+        return True
+
+    def release(self, address: IPAddress) -> None:
+        self.open -= 1
+        self._by_address[address] -= 1
+        if not self._by_address[address]:
+            del self._by_address[address]
+
+
+@dataclass
+class ListenerRuntime:
+    """Everything one listener's connections share."""
+
+    config: ListenerConfig
+    tls: ListenerTLS
+    recorder: Recorder
+    make_watcher: Callable[[], Watcher]
+    reactor: Any
+    usernames: bool = True
+
+    def __post_init__(self) -> None:
+        self.limits = ConnectionLimits(
+            self.config.max_connections, self.config.max_connections_per_ip
+        )
+
+    def trusts_proxy_header_from(self, host: str) -> bool:
+        try:
+            address = peer_address(host)
+        except AddressError:
+            return False
+        networks: tuple[Network, ...] = self.config.proxy_protocol_in
+        return any(address in network for network in networks)
+
+    def connect_backend(self, frontend: FrontendProtocol) -> Deferred[Any]:
+        backend = self.config.backend
+        endpoint: Any = HostnameEndpoint(self.reactor, backend.host, backend.port, timeout=10)
+        if self.config.backend_tls == "implicit":
+            assert self.tls.backend is not None
+            endpoint = wrapClientTLS(self.tls.backend, endpoint)
+        return endpoint.connect(_BackendFactory(frontend))  # type: ignore[no-any-return]
+
+
+class ProxyFactory(Factory):
+    noisy = False  # connection.open/close say it, once per connection
+
+    def __init__(self, runtime: ListenerRuntime) -> None:
+        self.runtime = runtime
+
+    def buildProtocol(self, addr: Any) -> FrontendProtocol:
+        return FrontendProtocol(self.runtime)
+
+
+def _address_of(address: Any) -> tuple[str, int] | None:
+    if isinstance(address, twisted_address.IPv4Address | twisted_address.IPv6Address):
+        return address.host, address.port
+    return None
+
+
+class FrontendProtocol(Protocol):
+    """The client's connection; owns the session and its backend connection."""
+
+    def __init__(self, runtime: ListenerRuntime) -> None:
+        self.runtime = runtime
+        self.listener = runtime.config.name
+        self.watcher: Watcher | None = None
+        self.backend: BackendProtocol | None = None
+        self.client: IPAddress | None = None
+        self.client_port = 0
+        self.local: tuple[str, int] | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.user: str | None = None
+        self.spliced = False
+        self.closing = False
+        self._admitted = False
+        self._opened = 0.0
+        self._head = b""  # first bytes, to spot a PROXY header from an untrusted peer
+        self._header_parser: V1Parser | V2Parser | None = None
+        self._awaiting_header = False
+        self._header_buffer = b""
+        self._timer: IDelayedCall | None = None
+        self._idle_mark = -1
+
+    # -- connection set-up --
+
+    def connectionMade(self) -> None:
+        reactor = self.runtime.reactor
+        self._opened = reactor.seconds()
+        self._timer = reactor.callLater(self.runtime.config.preauth_timeout, self._timed_out)
+        peer = _address_of(self.transport.getPeer())  # type: ignore[union-attr]
+        self.local = _address_of(self.transport.getHost())  # type: ignore[union-attr]
+        if peer is None:
+            self._reject("not a TCP peer")
+            return
+        if self.runtime.trusts_proxy_header_from(peer[0]):
+            self._awaiting_header = True
+            return
+        self._start(*peer)
+
+    def _start(self, host: str, port: int) -> None:
+        try:
+            client = peer_address(host)
+        except AddressError as exc:
+            self._reject(f"unusable peer address: {exc}")
+            return
+        self.client, self.client_port = client, port
+        if not self.runtime.limits.admit(client):
+            log.warn(
+                "connection.refused client={client} listener={listener} reason={reason}",
+                client=str(client),
+                listener=self.listener,
+                reason="too many connections",
+            )
+            watcher = self.runtime.make_watcher()
+            self._write_client(watcher.refusal("too many connections"))
+            self._disconnect()
+            return
+        self._admitted = True
+        log.info(
+            "connection.open client={client} listener={listener}",
+            client=str(client),
+            listener=self.listener,
+        )
+        self.watcher = self.runtime.make_watcher()
+        self.runtime.connect_backend(self).addErrback(self._backend_unreachable)
+
+    # -- bytes from the client --
+
+    def dataReceived(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        if self.spliced:
+            assert self.backend is not None
+            self.backend.transport.write(data)  # type: ignore[union-attr]
+            return
+        self._from_client(data)
+
+    def _from_client(self, data: bytes) -> None:
+        if self._awaiting_header:
+            self._proxy_header(data)
+            return
+        if self.watcher is None or self.closing:
+            return
+        if len(self._head) < len(b"\r\n\r\n\x00\r\nQUIT\n"):
+            self._head += data[:12]
+            if looks_like_proxy_header(self._head):
+                self._reject("PROXY header from an untrusted peer")
+                return
+        self._run(self.watcher.client_data(data))
+
+    def _proxy_header(self, data: bytes) -> None:
+        self._header_buffer += data
+        buffered = self._header_buffer
+        parser = self._header_parser
+        if parser is None:
+            if len(buffered) >= 16 and buffered.startswith(V2Parser.PREFIX):
+                parser = V2Parser()
+            elif buffered.startswith(V1Parser.PROXYSTR + b" "):
+                parser = V1Parser()
+            elif V2Parser.PREFIX.startswith(buffered[:12]) or (V1Parser.PROXYSTR + b" ").startswith(
+                buffered[:6]
+            ):
+                return  # too short to tell yet
+            else:
+                self._reject("a trusted peer sent no PROXY header")
+                return
+            self._header_parser = parser
+            data = buffered
+        try:
+            info, rest = parser.feed(data)
+        except InvalidProxyHeader:
+            self._reject("invalid PROXY header")
+            return
+        if info is None:
+            return
+        self._awaiting_header = False
+        self._header_buffer = b""
+        source = _address_of(info.source)
+        destination = _address_of(info.destination)
+        if destination is not None:
+            self.local = destination
+        peer = source or _address_of(self.transport.getPeer())  # type: ignore[union-attr]
+        assert peer is not None
+        self._start(*peer)  # "PROXY UNKNOWN"/LOCAL (health checks): the peer itself
+        if rest and self.watcher is not None:
+            self._from_client(rest)
+
+    # -- bytes from the backend --
+
+    def backend_connected(self, backend: BackendProtocol) -> None:
+        self.backend = backend
+        if self.closing:
+            backend.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        header = self._proxy_header_out()
+        if header:
+            backend.transport.write(header)  # type: ignore[union-attr]
+
+    def server_data(self, data: bytes) -> None:
+        if self.spliced:
+            self.bytes_out += len(data)
+            self.transport.write(data)  # type: ignore[union-attr]
+            return
+        if self.watcher is not None and not self.closing:
+            self._run(self.watcher.server_data(data))
+
+    def backend_lost(self, reason: Failure) -> None:
+        if isinstance(reason.value, SSL.Error):
+            log.warn(
+                "tls.error side=backend client={client} listener={listener} error={error}",
+                client=str(self.client),
+                listener=self.listener,
+                error=reason.getErrorMessage(),
+            )
+        self._disconnect()
+
+    def _backend_unreachable(self, reason: Failure) -> None:
+        log.error(
+            "backend.unreachable client={client} listener={listener} backend={backend} "
+            "error={error}",
+            client=str(self.client),
+            listener=self.listener,
+            backend=str(self.runtime.config.backend),
+            error=reason.getErrorMessage(),
+        )
+        if self.watcher is not None:
+            self._write_client(self.watcher.refusal("backend unavailable, try again later"))
+        self._disconnect()
+
+    def _proxy_header_out(self) -> bytes:
+        version = self.runtime.config.proxy_protocol_out
+        if version == "none" or self.client is None or self.local is None:
+            return b""
+        local = peer_address(self.local[0])
+        build = proxy_header_v1 if version == "v1" else proxy_header_v2
+        return build(self.client, self.client_port, local, self.local[1])
+
+    # -- carrying out the watcher's decisions --
+
+    def _run(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, ToServer):
+                if self.backend is not None and not self.closing:
+                    self.backend.transport.write(action.data)  # type: ignore[union-attr]
+            elif isinstance(action, ToClient):
+                self._write_client(action.data)
+            elif isinstance(action, StartClientTLS):
+                self._start_client_tls()
+            elif isinstance(action, StartServerTLS):
+                assert self.backend is not None and self.runtime.tls.backend is not None
+                self.backend.transport.startTLS(self.runtime.tls.backend)  # type: ignore[union-attr]
+            elif isinstance(action, LoginSucceeded):
+                self._login_succeeded(action)
+            elif isinstance(action, LoginFailed):
+                self._login_failed(action)
+            elif isinstance(action, Splice):
+                self._splice()
+            elif isinstance(action, Close):
+                log.info(
+                    "connection.closing client={client} listener={listener} reason={reason}",
+                    client=str(self.client),
+                    listener=self.listener,
+                    reason=action.reason,
+                )
+                self._disconnect()
+
+    def _write_client(self, data: bytes) -> None:
+        self.bytes_out += len(data)
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    def _start_client_tls(self) -> None:
+        assert self.watcher is not None and self.runtime.tls.server is not None
+        self.transport.startTLS(self.runtime.tls.server)  # type: ignore[union-attr]
+        # Bytes that arrive from now on are decrypted by the TLS layer.
+        self._run(self.watcher.client_tls_started())
+
+    def _user_field(self, user: str | None) -> str:
+        return (user or "-") if self.runtime.usernames else "-"
+
+    def _login_succeeded(self, event: LoginSucceeded) -> None:
+        assert self.client is not None
+        self.user = event.user
+        outcome = self.runtime.recorder.login(self.client)
+        log.info(
+            "login.success client={client} user={user} mechanism={mechanism} "
+            "listener={listener} record={record}",
+            client=str(self.client),
+            user=self._user_field(event.user),
+            mechanism=event.mechanism,
+            listener=self.listener,
+            record=outcome,
+        )
+
+    def _login_failed(self, event: LoginFailed) -> None:
+        log.warn(
+            "login.failure client={client} user={user} mechanism={mechanism} listener={listener}",
+            client=str(self.client),
+            user=self._user_field(event.user),
+            mechanism=event.mechanism,
+            listener=self.listener,
+        )
+
+    def _splice(self) -> None:
+        self.spliced = True
+        self.watcher = None
+        backend = self.backend
+        assert backend is not None
+        # portforward's back-pressure: each transport throttles the other.
+        self.transport.registerProducer(backend.transport, True)  # type: ignore[union-attr]
+        backend.transport.registerProducer(self.transport, True)  # type: ignore[union-attr]
+        self._rearm(self.runtime.config.idle_timeout, self._idle_check)
+
+    # -- timers and teardown --
+
+    def _rearm(self, delay: float, call: Callable[[], None]) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = self.runtime.reactor.callLater(delay, call)
+
+    def _idle_check(self) -> None:
+        # A counter compared once per period, instead of a timer reset per chunk.
+        mark = self.bytes_in + self.bytes_out
+        if mark != self._idle_mark:
+            self._idle_mark = mark
+            self._rearm(self.runtime.config.idle_timeout, self._idle_check)
+            return
+        log.info(
+            "connection.timeout client={client} listener={listener} phase=idle",
+            client=str(self.client),
+            listener=self.listener,
+        )
+        self._disconnect()
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        log.info(
+            "connection.timeout client={client} listener={listener} phase=login",
+            client=str(self.client),
+            listener=self.listener,
+        )
+        if self.watcher is not None:
+            self._write_client(self.watcher.refusal("timeout waiting for login"))
+        self._disconnect()
+
+    def _reject(self, reason: str) -> None:
+        peer = _address_of(self.transport.getPeer())  # type: ignore[union-attr]
+        log.warn(
+            "connection.rejected peer={peer} listener={listener} reason={reason}",
+            peer=peer[0] if peer else "-",
+            listener=self.listener,
+            reason=reason,
+        )
+        self._disconnect()
+
+    def _disconnect(self) -> None:
+        if self.closing:
+            return
+        self.closing = True
+        self.transport.loseConnection()  # type: ignore[union-attr]
+        if self.backend is not None:
+            self.backend.transport.loseConnection()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if isinstance(reason.value, SSL.Error):
+            log.warn(
+                "tls.error side=client client={client} listener={listener} error={error}",
+                client=str(self.client),
+                listener=self.listener,
+                error=reason.getErrorMessage(),
+            )
+        if self.backend is not None:
+            self.backend.transport.loseConnection()  # type: ignore[union-attr]
+        self.closing = True
+        if not self._admitted:
+            return
+        assert self.client is not None
+        self.runtime.limits.release(self.client)
+        log.info(
+            "connection.close client={client} listener={listener} user={user} "
+            "bytes_in={bytes_in} bytes_out={bytes_out} duration={duration:.3f}",
+            client=str(self.client),
+            listener=self.listener,
+            user=self._user_field(self.user),
+            bytes_in=self.bytes_in,
+            bytes_out=self.bytes_out,
+            duration=self.runtime.reactor.seconds() - self._opened,
+        )
+
+
+class BackendProtocol(Protocol):
+    def __init__(self, frontend: FrontendProtocol) -> None:
+        self.frontend = frontend
+
+    def connectionMade(self) -> None:
+        self.frontend.backend_connected(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.frontend.server_data(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.frontend.backend_lost(reason)
+
+
+class _BackendFactory(Factory):
+    noisy = False
+
+    def __init__(self, frontend: FrontendProtocol) -> None:
+        self.frontend = frontend
+
+    def buildProtocol(self, addr: Any) -> BackendProtocol:
+        return BackendProtocol(self.frontend)

@@ -1,0 +1,195 @@
+"""Recorder: successful logins -> batched RelayStore writes, off the reactor.
+
+Owns when and what is written, never how (that is RelayStore's). Every
+store call runs on one worker thread, so the reactor never waits on the
+disk or on a lock another process holds.
+
+* Coalescing: an address written less than ``min_interval`` seconds ago, or
+  already waiting, is not written again (a mail client polling every
+  minute must not rewrite relayers.db every minute per user).
+* Batching: at most one write is in flight; logins arriving meanwhile
+  form the next batch, one lock and one sync for all of them. Writes start
+  at least ``batch_interval`` apart, which also keeps the file's mtime, that
+  sendmail compares in whole seconds, in step with the clock.
+* Failures (lock held past its deadline, a missing directory, permissions)
+  are logged once per burst; the records stay pending and are retried with
+  a growing delay, so a store that comes back gets every login that
+  happened while it was away.
+* ``drain()`` writes what is pending before the process exits.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from relayproxy.addresses import IPAddress, IPv6KeyStyle, relayer_keys
+from relayproxy.store import RelayStore
+
+T = TypeVar("T")
+RunInThread = Callable[[Callable[[], T]], "Deferred[T]"]
+
+EXCLUDED = "excluded"
+RECENT = "recent"
+QUEUED = "queued"
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def run_synchronously(function: Callable[[], T]) -> Deferred[T]:
+    """A RunInThread for tests and tools that have no reactor thread pool."""
+    return maybeDeferred(function)
+
+
+class Recorder:
+    log = Logger()
+
+    def __init__(
+        self,
+        store: RelayStore,
+        *,
+        reactor: IReactorTime,
+        run_in_thread: RunInThread[Any],
+        ipv6_keys: IPv6KeyStyle = IPv6KeyStyle.SENDMAIL,
+        exclude: Sequence[Network] = (),
+        min_interval: float = 60.0,
+        batch_interval: float = 1.0,
+        max_retry_delay: float = 30.0,
+    ) -> None:
+        self.store = store
+        self._reactor = reactor
+        self._run_in_thread = run_in_thread
+        self._ipv6_keys = ipv6_keys
+        self._exclude = tuple(exclude)
+        self._min_interval = min_interval
+        self._batch_interval = batch_interval
+        self._max_retry_delay = max_retry_delay
+        self._pending: dict[str, int] = {}
+        self._written: dict[str, float] = {}  # key -> when it was last written
+        self._in_flight: Deferred[None] | None = None
+        self._timer: IDelayedCall | None = None
+        self._last_start = float("-inf")
+        self._retry_delay = 0.0
+        self._failing = False
+        self._draining = False
+
+    # -- the proxy's side --
+
+    def login(self, address: IPAddress) -> str:
+        """Note a successful login from ``address``; says whether it will be written."""
+        if any(address in network for network in self._exclude):
+            return EXCLUDED
+        now = self._reactor.seconds()
+        keys = [
+            key
+            for key in relayer_keys(address, self._ipv6_keys)
+            if key not in self._pending
+            and now - self._written.get(key, -1e18) >= self._min_interval
+        ]
+        if not keys:
+            return RECENT
+        for key in keys:
+            self._pending[key] = int(now)
+        self._schedule()
+        return QUEUED
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def drain(self) -> Deferred[None]:
+        """Write everything pending now (shutdown); fires when done or failed once more."""
+        self._draining = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self._in_flight is None:
+            return self._final_write()
+        waiting: Deferred[None] = Deferred()
+        # The in-flight write's own callbacks never fail: they log and re-queue.
+        self._in_flight.addBoth(waiting.callback)
+        return waiting.addCallback(lambda _: self._final_write())
+
+    # -- batching --
+
+    def _schedule(self) -> None:
+        if self._draining or self._in_flight is not None or self._timer is not None:
+            return
+        if not self._pending:
+            return
+        now = self._reactor.seconds()
+        delay = max(0.0, self._last_start + self._batch_interval - now, self._retry_delay)
+        self._timer = self._reactor.callLater(delay, self._write)
+
+    def _write(self) -> Deferred[None]:
+        self._timer = None
+        batch, self._pending = self._pending, {}
+        self._last_start = self._reactor.seconds()
+        started = time.monotonic()
+        self.log.debug("store.batch.start entries={entries}", entries=len(batch))
+        in_flight: Deferred[None] = self._run_in_thread(lambda: self._record(batch))
+        # Before the callbacks: they clear it, and may run at once.
+        self._in_flight = in_flight
+        in_flight.addCallbacks(
+            self._written_ok,
+            self._write_failed,
+            callbackArgs=(batch, started),
+            errbackArgs=(batch,),
+        )
+        return in_flight
+
+    def _record(self, batch: dict[str, int]) -> None:
+        self.store.record(batch.items())
+
+    def _written_ok(self, _: None, batch: dict[str, int], started: float) -> None:
+        self._in_flight = None
+        now = self._reactor.seconds()
+        for key in batch:
+            self._written[key] = now
+        if len(self._written) > 4 * len(batch) + 10000:
+            self._forget_old(now)
+        if self._failing:
+            self.log.info(
+                "store.recovered path={path} entries={entries}",
+                path=self.store.path,
+                entries=len(batch),
+            )
+        self._failing = False
+        self._retry_delay = 0.0
+        self.log.info(
+            "store.batch path={path} entries={entries} duration={duration:.3f}",
+            path=self.store.path,
+            entries=len(batch),
+            duration=time.monotonic() - started,
+        )
+        self._schedule()
+
+    def _write_failed(self, failure: Failure, batch: dict[str, int]) -> None:
+        self._in_flight = None
+        for key, seconds in batch.items():
+            self._pending.setdefault(key, seconds)  # a newer login's time wins
+        if not self._failing:
+            self.log.error(
+                "store.error path={path} error={error} pending={pending}",
+                path=self.store.path,
+                error=failure.getErrorMessage(),
+                pending=len(self._pending),
+            )
+        self._failing = True
+        self._retry_delay = min(self._max_retry_delay, max(1.0, self._retry_delay * 2))
+        self._schedule()
+
+    def _forget_old(self, now: float) -> None:
+        self._written = {k: t for k, t in self._written.items() if now - t < self._min_interval}
+
+    def _final_write(self) -> Deferred[None]:
+        if not self._pending:
+            return succeed(None)
+        return self._write()

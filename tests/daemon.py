@@ -1,0 +1,141 @@
+"""The real `relayproxy` daemon as a subprocess, configured from a test."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+from relayproxy.store import RelayStore, StoreMissingError
+
+T = TypeVar("T")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 20.0) -> T:
+    """Poll ``probe`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    pause = 0.01
+    while True:
+        result = probe()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(pause)  # a polling interval, not a timing assumption
+        pause = min(pause * 2, 0.2)
+
+
+@dataclass
+class Listener:
+    name: str
+    port: int
+    settings: dict[str, str]
+
+
+@dataclass
+class Daemon:
+    directory: Path
+    store_settings: dict[str, str] = field(default_factory=dict)
+    extra: str = ""
+    listeners: list[Listener] = field(default_factory=list)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def db(self) -> Path:
+        return self.directory / "relayers.db"
+
+    @property
+    def config_path(self) -> Path:
+        return self.directory / "relayproxy.ini"
+
+    @property
+    def log_path(self) -> Path:
+        return self.directory / "relayproxy.log"
+
+    def listener(self, name: str, **settings: str) -> int:
+        port = free_port()
+        self.listeners.append(Listener(name, port, settings))
+        return port
+
+    def config_text(self) -> str:
+        store = {"path": str(self.db), "min_interval": "0", **self.store_settings}
+        lines = ["[store]", *(f"{k} = {v}" for k, v in store.items()), ""]
+        lines += ["[log]", f"target = file:{self.log_path}", ""]
+        for listener in self.listeners:
+            lines += [f"[listener:{listener.name}]", f"listen = 127.0.0.1:{listener.port}"]
+            lines += [f"{k} = {v}" for k, v in listener.settings.items()]
+            lines.append("")
+        return "\n".join(lines) + self.extra
+
+    def start(self) -> None:
+        self.config_path.write_text(self.config_text())
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "relayproxy.cli.daemon", "--config", str(self.config_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for listener in self.listeners:
+            wait_for(
+                f"[listener:{listener.name}] to accept", lambda p=listener.port: self._accepts(p)
+            )
+
+    def _accepts(self, port: int) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            output = self.process.stdout.read().decode() if self.process.stdout else ""
+            raise AssertionError(f"relayproxy exited {self.process.returncode}: {output}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except OSError:
+            return False
+        return True
+
+    def stop(self) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=30)
+        finally:
+            if self.process.stdout:
+                self.process.stdout.close()
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text()
+        except FileNotFoundError:
+            return ""
+
+    def log_lines(self, event: str) -> list[str]:
+        return [line for line in self.log().splitlines() if f" {event} " in line]
+
+    def entries(self) -> dict[str, str]:
+        try:
+            return {e.key.decode(): e.value.decode() for e in RelayStore(self.db).entries()}
+        except StoreMissingError:
+            return {}
+
+    def wait_for_record(self, key: str) -> str:
+        return wait_for(f"{key} in relayers.db", lambda: self.entries().get(key))
+
+    def wait_for_log(self, event: str, needle: str = "") -> str:
+        def probe() -> str | None:
+            for line in self.log_lines(event):
+                if needle in line:
+                    return line
+            return None
+
+        return wait_for(f"a {event} line with {needle!r}", probe)
