@@ -6,9 +6,12 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := libdb5.3-dev db5.3-util sendmail-bin dovecot-core dovecot-pop3d dovecot-imapd curl openssl python3-venv gcc
 STAMP := $(VENV)/.installed
 
-.PHONY: test check lint typecheck unit system-deps venv bench clean
+.PHONY: test run check lint typecheck unit system-deps venv bench clean
 
 test: venv lint typecheck unit
+
+run: venv
+	$(PY) -m demo.run
 
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do \
@@ -31,17 +34,18 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 lint: venv
-	$(VENV)/bin/ruff check relayproxy tests bench
-	$(VENV)/bin/ruff format --check relayproxy tests bench
+	$(VENV)/bin/ruff check relayproxy tests bench demo
+	$(VENV)/bin/ruff format --check relayproxy tests bench demo
 
 typecheck: venv
-	$(VENV)/bin/mypy --strict relayproxy
+	$(VENV)/bin/mypy --strict relayproxy demo
 
 unit: venv
 	$(VENV)/bin/pytest -q
 
 bench: venv
 	$(PY) bench/store.py
+	$(PY) bench/logins.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
