@@ -87,6 +87,7 @@ class ListenerConfig:
     max_connections_per_ip: int = 50
     max_line_length: int = 8192
     record_preauth: bool = False
+    forward_id: bool = False
 
 
 @dataclass(frozen=True)
@@ -245,6 +246,7 @@ _LISTENER_KEYS: Parsers = {
     "max_connections_per_ip": _integer(1, 1_000_000),
     "max_line_length": _integer(512, 1_048_576),
     "record_preauth": parse_bool,
+    "forward_id": parse_bool,
 }
 _REQUIRED_LISTENER_KEYS = ("protocol", "listen", "backend")
 
@@ -344,6 +346,14 @@ def _listener(reader: _Reader, section: str, raw: Mapping[str, str]) -> Listener
                 reader.problem(section, key, f"missing (required with tls = {tls})")
     if values.get("require_tls") and tls == "none":
         reader.problem(section, "require_tls", "yes needs tls = starttls or implicit")
+    protocol = values.get("protocol")
+    for key in ("record_preauth", "forward_id"):
+        if values.get(key) and protocol != "imap":
+            reader.problem(section, key, "is an IMAP setting (protocol = imap)")
+    if values.get("forward_id") and values.get("proxy_protocol_out", "none") != "none":
+        reader.problem(
+            section, "forward_id", "and proxy_protocol_out both tell the backend: pick one"
+        )
     if len(reader.problems) != before:
         return None
     return ListenerConfig(name=section[len("listener:") :], **values)

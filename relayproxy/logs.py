@@ -79,6 +79,7 @@ from __future__ import annotations
 import array
 import errno
 import fcntl
+import functools
 import json
 import math
 import os
@@ -173,6 +174,7 @@ def _escape_character(match: re.Match[str]) -> str:
     return f"\\u{code:04x}"
 
 
+@functools.lru_cache(maxsize=4096)  # called for every field of every event
 def _is_secret(name: str) -> bool:
     lowered = name.lower()
     return any(word in lowered for word in _SECRET_WORDS)

@@ -19,7 +19,12 @@ from typing import Any
 from OpenSSL import SSL
 from twisted.internet import address as twisted_address
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
@@ -32,9 +37,11 @@ from relayproxy.addresses import AddressError, IPAddress, peer_address
 from relayproxy.config import ListenerConfig, Network
 from relayproxy.protocols.common import (
     Action,
+    ClientOrigin,
     Close,
     LoginFailed,
     LoginSucceeded,
+    ProtocolViolationError,
     Splice,
     StartClientTLS,
     StartServerTLS,
@@ -47,6 +54,9 @@ from relayproxy.recorder import Recorder
 from relayproxy.tls import ListenerTLS
 
 log = Logger(namespace="relayproxy")
+
+# Seconds a closing connection may take to flush and finish its TLS close.
+CLOSE_GRACE = 10.0
 
 
 class ConnectionLimits:
@@ -79,7 +89,7 @@ class ListenerRuntime:
     config: ListenerConfig
     tls: ListenerTLS
     recorder: Recorder
-    make_watcher: Callable[[], Watcher]
+    make_watcher: Callable[[ClientOrigin], Watcher]
     reactor: Any
     usernames: bool = True
 
@@ -87,6 +97,24 @@ class ListenerRuntime:
         self.limits = ConnectionLimits(
             self.config.max_connections, self.config.max_connections_per_ip
         )
+        self._backend_endpoint = self._make_backend_endpoint()
+
+    def _make_backend_endpoint(self) -> Any:
+        # Built once: a HostnameEndpoint per connection costs a resolver
+        # round trip through a thread even for an address literal.
+        backend = self.config.backend
+        endpoint: Any
+        try:
+            address = peer_address(backend.host)
+        except AddressError:
+            endpoint = HostnameEndpoint(self.reactor, backend.host, backend.port, timeout=10)
+        else:
+            kind = TCP4ClientEndpoint if address.version == 4 else TCP6ClientEndpoint
+            endpoint = kind(self.reactor, backend.host, backend.port, timeout=10)
+        if self.config.backend_tls == "implicit":
+            assert self.tls.backend is not None
+            endpoint = wrapClientTLS(self.tls.backend, endpoint)
+        return endpoint
 
     def trusts_proxy_header_from(self, host: str) -> bool:
         try:
@@ -97,12 +125,7 @@ class ListenerRuntime:
         return any(address in network for network in networks)
 
     def connect_backend(self, frontend: FrontendProtocol) -> Deferred[Any]:
-        backend = self.config.backend
-        endpoint: Any = HostnameEndpoint(self.reactor, backend.host, backend.port, timeout=10)
-        if self.config.backend_tls == "implicit":
-            assert self.tls.backend is not None
-            endpoint = wrapClientTLS(self.tls.backend, endpoint)
-        return endpoint.connect(_BackendFactory(frontend))  # type: ignore[no-any-return]
+        return self._backend_endpoint.connect(_BackendFactory(frontend))  # type: ignore[no-any-return]
 
 
 class ProxyFactory(Factory):
@@ -113,6 +136,13 @@ class ProxyFactory(Factory):
 
     def buildProtocol(self, addr: Any) -> FrontendProtocol:
         return FrontendProtocol(self.runtime)
+
+
+def _no_delay(transport: Any) -> None:
+    """Small command/response lines go out at once instead of waiting on Nagle."""
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        set_no_delay(True)
 
 
 def _address_of(address: Any) -> tuple[str, int] | None:
@@ -149,6 +179,7 @@ class FrontendProtocol(Protocol):
     # -- connection set-up --
 
     def connectionMade(self) -> None:
+        _no_delay(self.transport)
         reactor = self.runtime.reactor
         self._opened = reactor.seconds()
         self._timer = reactor.callLater(self.runtime.config.preauth_timeout, self._timed_out)
@@ -176,7 +207,7 @@ class FrontendProtocol(Protocol):
                 listener=self.listener,
                 reason="too many connections",
             )
-            watcher = self.runtime.make_watcher()
+            watcher = self.runtime.make_watcher(self._origin())
             self._write_client(watcher.refusal("too many connections"))
             self._disconnect()
             return
@@ -186,8 +217,12 @@ class FrontendProtocol(Protocol):
             client=str(client),
             listener=self.listener,
         )
-        self.watcher = self.runtime.make_watcher()
+        self.watcher = self.runtime.make_watcher(self._origin())
         self.runtime.connect_backend(self).addErrback(self._backend_unreachable)
+
+    def _origin(self) -> ClientOrigin:
+        local = self.local or ("0.0.0.0", 0)  # noqa: S104 (an address to report, not to bind)
+        return ClientOrigin(str(self.client), self.client_port, local[0], local[1])
 
     # -- bytes from the client --
 
@@ -210,7 +245,8 @@ class FrontendProtocol(Protocol):
             if looks_like_proxy_header(self._head):
                 self._reject("PROXY header from an untrusted peer")
                 return
-        self._run(self.watcher.client_data(data))
+        watcher = self.watcher
+        self._consult(lambda: watcher.client_data(data))
 
     def _proxy_header(self, data: bytes) -> None:
         self._header_buffer += data
@@ -266,7 +302,8 @@ class FrontendProtocol(Protocol):
             self.transport.write(data)  # type: ignore[union-attr]
             return
         if self.watcher is not None and not self.closing:
-            self._run(self.watcher.server_data(data))
+            watcher = self.watcher
+            self._consult(lambda: watcher.server_data(data))
 
     def backend_lost(self, reason: Failure) -> None:
         if isinstance(reason.value, SSL.Error):
@@ -300,6 +337,20 @@ class FrontendProtocol(Protocol):
         return build(self.client, self.client_port, local, self.local[1])
 
     # -- carrying out the watcher's decisions --
+
+    def _consult(self, decide: Callable[[], list[Action]]) -> None:
+        try:
+            actions = decide()
+        except ProtocolViolationError as exc:
+            log.warn(
+                "protocol.error client={client} listener={listener} error={error}",
+                client=str(self.client),
+                listener=self.listener,
+                error=str(exc),
+            )
+            self._disconnect()
+            return
+        self._run(actions)
 
     def _run(self, actions: list[Action]) -> None:
         for action in actions:
@@ -336,7 +387,8 @@ class FrontendProtocol(Protocol):
         assert self.watcher is not None and self.runtime.tls.server is not None
         self.transport.startTLS(self.runtime.tls.server)  # type: ignore[union-attr]
         # Bytes that arrive from now on are decrypted by the TLS layer.
-        self._run(self.watcher.client_tls_started())
+        watcher = self.watcher
+        self._consult(watcher.client_tls_started)
 
     def _user_field(self, user: str | None) -> str:
         return (user or "-") if self.runtime.usernames else "-"
@@ -423,6 +475,15 @@ class FrontendProtocol(Protocol):
         self.transport.loseConnection()  # type: ignore[union-attr]
         if self.backend is not None:
             self.backend.transport.loseConnection()  # type: ignore[union-attr]
+        # A TLS close waits for the peer's close_notify, which some clients
+        # (openssl s_client among them) never send: do not wait forever.
+        self._rearm(CLOSE_GRACE, self._abort_lingering)
+
+    def _abort_lingering(self) -> None:
+        self._timer = None
+        self.transport.abortConnection()  # type: ignore[union-attr]
+        if self.backend is not None:
+            self.backend.transport.abortConnection()  # type: ignore[union-attr]
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._timer is not None and self._timer.active():
@@ -459,6 +520,7 @@ class BackendProtocol(Protocol):
         self.frontend = frontend
 
     def connectionMade(self) -> None:
+        _no_delay(self.transport)
         self.frontend.backend_connected(self)
 
     def dataReceived(self, data: bytes) -> None:

@@ -19,7 +19,8 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from relayproxy.config import Config, ListenerConfig
-from relayproxy.protocols.common import TLSMode, Watcher, WatcherSettings
+from relayproxy.protocols.common import ClientOrigin, TLSMode, Watcher, WatcherSettings
+from relayproxy.protocols.imap import ImapWatcher
 from relayproxy.protocols.pop3 import Pop3Watcher
 from relayproxy.proxy import ListenerRuntime, ProxyFactory
 from relayproxy.recorder import Recorder
@@ -44,13 +45,13 @@ def watcher_settings(listener: ListenerConfig) -> WatcherSettings:
     )
 
 
-def watcher_factory(listener: ListenerConfig) -> Callable[[], Watcher]:
+def watcher_factory(listener: ListenerConfig) -> Callable[[ClientOrigin], Watcher]:
     settings = watcher_settings(listener)
     if listener.protocol == "pop3":
-        return lambda: Pop3Watcher(settings)
-    raise ValueError(
-        f"[listener:{listener.name}] protocol {listener.protocol} is not supported yet"
-    )
+        return lambda origin: Pop3Watcher(settings)
+    if listener.forward_id:
+        return lambda origin: ImapWatcher(settings, forward_id=origin)
+    return lambda origin: ImapWatcher(settings)
 
 
 def load_tls(config: Config) -> dict[str, ListenerTLS]:

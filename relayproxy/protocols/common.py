@@ -80,6 +80,16 @@ Action = (
 )
 
 
+@dataclass(frozen=True, slots=True)
+class ClientOrigin:
+    """Where a session comes from and where it arrived, for the backend's benefit."""
+
+    client_ip: str
+    client_port: int
+    local_ip: str
+    local_port: int
+
+
 class TLSMode(enum.Enum):
     NONE = "none"
     STARTTLS = "starttls"
@@ -117,6 +127,10 @@ class Watcher(Protocol):
     def refusal(self, reason: str) -> bytes:
         """What to tell a client before closing it (limits, timeouts, backend down)."""
         ...
+
+
+class ProtocolViolationError(Exception):
+    """An event a watcher's transition table has no entry for: the glue closes the session."""
 
 
 class LineTooLongError(Exception):

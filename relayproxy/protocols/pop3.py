@@ -40,6 +40,7 @@ from relayproxy.protocols.common import (
     LineTooLongError,
     LoginFailed,
     LoginSucceeded,
+    ProtocolViolationError,
     SaslUserFinder,
     Splice,
     StartClientTLS,
@@ -139,10 +140,6 @@ class _InFlight:
     sasl: SaslUserFinder | None = None
     cancelled: bool = False
     capa_lines: list[bytes] = field(default_factory=list)
-
-
-class ProtocolViolationError(Exception):
-    """An event the table has no transition for: the glue closes the session."""
 
 
 class Pop3Watcher:
