@@ -49,11 +49,13 @@ def main() -> int:
         ca = dovecot.ca_certificate
         print(
             f"""
-relayproxy demo: Dovecot on 127.0.0.1:{dovecot.ports.pop3} (POP3), relayproxy on 127.0.0.1:11110.
-In another terminal, log in through the proxy (from 127.0.0.5, to see it recorded):
+relayproxy demo: Dovecot on 127.0.0.1:{dovecot.ports.pop3} (POP3) and :{dovecot.ports.imap} (IMAP);
+relayproxy in front of them on 127.0.0.1:11110 (POP3) and 127.0.0.1:11143 (IMAP).
+In another terminal, log in through the proxy (each from its own loopback address):
 
     curl --interface 127.0.0.5 -u alice:alice-secret pop3://127.0.0.1:11110/
     curl --interface 127.0.0.6 --ssl-reqd --cacert {ca} -u bob:bob-secret pop3://localhost:11110/
+    curl --interface 127.0.0.7 -u alice:alice-secret imap://127.0.0.1:11143/
 
 then see the recorded addresses:
 
