@@ -256,6 +256,7 @@ class Daemon:
     def config_text(self) -> str:
         lines = ["[store]", f"path = {self.db}", "min_interval = 0", ""]
         lines += ["[log]", f"target = file:{self.directory / 'relayproxy.log'}", ""]
+        lines += ["[daemon]", "allow_root = yes", ""]
         for protocol, backend in self.backends.items():
             self.ports[protocol] = free_port()
             lines += [

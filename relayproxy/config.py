@@ -13,6 +13,7 @@ import configparser
 import grp
 import ipaddress
 import os
+import pwd
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -67,6 +68,14 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class DaemonConfig:
+    user: str | None = None  # started as root: bind, then become this user
+    group: str | None = None  # default: the user's primary group
+    allow_root: bool = False  # keep running as root (not recommended)
+    shutdown_timeout: float = 10.0  # SIGTERM: how long sessions in login may finish
+
+
+@dataclass(frozen=True)
 class ListenerConfig:
     name: str
     protocol: str
@@ -96,6 +105,7 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     record: RecordConfig = field(default_factory=RecordConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
     listeners: tuple[ListenerConfig, ...] = ()
 
 
@@ -158,6 +168,14 @@ def _group(text: str) -> str:
         grp.getgrnam(text)
     except KeyError:
         raise ValueError(f"no group named {text!r} on this system") from None
+    return text
+
+
+def _user(text: str) -> str:
+    try:
+        pwd.getpwnam(text)
+    except KeyError:
+        raise ValueError(f"no user named {text!r} on this system") from None
     return text
 
 
@@ -226,6 +244,12 @@ _LOG_KEYS: Parsers = {
     "target": _log_target,
     "usernames": parse_bool,
     "level": _choice("debug", "info", "warn", "error"),
+}
+_DAEMON_KEYS: Parsers = {
+    "user": _user,
+    "group": _group,
+    "allow_root": parse_bool,
+    "shutdown_timeout": _seconds,
 }
 _LISTENER_KEYS: Parsers = {
     "protocol": _choice("pop3", "imap"),
@@ -306,6 +330,7 @@ def parse_config(text: str, source: str) -> Config:
     store: dict[str, Any] = {}
     record: dict[str, Any] = {}
     log: dict[str, Any] = {}
+    daemon: dict[str, Any] = {}
     listeners: list[ListenerConfig] = []
     for name in parser.sections():
         raw = dict(parser.items(name))
@@ -315,6 +340,8 @@ def parse_config(text: str, source: str) -> Config:
             record = reader.section(name, raw, _RECORD_KEYS)
         elif name == "log":
             log = reader.section(name, raw, _LOG_KEYS)
+        elif name == "daemon":
+            daemon = reader.section(name, raw, _DAEMON_KEYS)
         elif name.startswith("listener:") and name[len("listener:") :]:
             listener = _listener(reader, name, raw)
             if listener is not None:
@@ -329,6 +356,7 @@ def parse_config(text: str, source: str) -> Config:
         store=StoreConfig(**store),
         record=RecordConfig(**record),
         log=LogConfig(**log),
+        daemon=DaemonConfig(**daemon),
         listeners=tuple(listeners),
     )
 
@@ -344,6 +372,12 @@ def _listener(reader: _Reader, section: str, raw: Mapping[str, str]) -> Listener
         for key in ("certificate", "private_key"):
             if key not in values and key not in raw:
                 reader.problem(section, key, f"missing (required with tls = {tls})")
+    if tls == "implicit" and values.get("proxy_protocol_in"):
+        reader.problem(
+            section,
+            "proxy_protocol_in",
+            "is not supported with tls = implicit yet (the header precedes the TLS handshake)",
+        )
     if values.get("require_tls") and tls == "none":
         reader.problem(section, "require_tls", "yes needs tls = starttls or implicit")
     protocol = values.get("protocol")

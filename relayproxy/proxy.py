@@ -97,6 +97,7 @@ class ListenerRuntime:
         self.limits = ConnectionLimits(
             self.config.max_connections, self.config.max_connections_per_ip
         )
+        self.sessions: set[FrontendProtocol] = set()
         self._backend_endpoint = self._make_backend_endpoint()
 
     def _make_backend_endpoint(self) -> Any:
@@ -180,6 +181,12 @@ class FrontendProtocol(Protocol):
 
     def connectionMade(self) -> None:
         _no_delay(self.transport)
+        if self.runtime.config.tls == "implicit":
+            # Per connection rather than per port, so that a reload's new
+            # certificate is used from the next connection on.
+            assert self.runtime.tls.server is not None
+            self.transport.startTLS(self.runtime.tls.server)  # type: ignore[union-attr]
+        self.runtime.sessions.add(self)
         reactor = self.runtime.reactor
         self._opened = reactor.seconds()
         self._timer = reactor.callLater(self.runtime.config.preauth_timeout, self._timed_out)
@@ -485,7 +492,13 @@ class FrontendProtocol(Protocol):
         if self.backend is not None:
             self.backend.transport.abortConnection()  # type: ignore[union-attr]
 
+    @property
+    def in_login(self) -> bool:
+        """Still before login (what a graceful shutdown waits for)."""
+        return not self.spliced and not self.closing
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.runtime.sessions.discard(self)
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None

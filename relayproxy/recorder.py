@@ -100,6 +100,14 @@ class Recorder:
         self._schedule()
         return QUEUED
 
+    def reconfigure(
+        self, *, ipv6_keys: IPv6KeyStyle, exclude: Sequence[Network], min_interval: float
+    ) -> None:
+        """New settings (a reload) for the logins from now on."""
+        self._ipv6_keys = ipv6_keys
+        self._exclude = tuple(exclude)
+        self._min_interval = min_interval
+
     @property
     def pending(self) -> int:
         return len(self._pending)

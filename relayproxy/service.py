@@ -8,6 +8,7 @@ records are written, then the store's thread ends.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from twisted.application.service import Service
@@ -68,78 +69,162 @@ def load_tls(config: Config) -> dict[str, ListenerTLS]:
     return loaded
 
 
+def _store(config: Config) -> RelayStore:
+    return RelayStore(
+        config.store.path,
+        mode=config.store.mode,
+        group=config.store.group,
+        lock_timeout=config.store.lock_timeout,
+        notice=lambda message: log.warn("store.notice message={message}", message=message),
+    )
+
+
+@dataclass
+class _Listening:
+    """A bound listener: its port, and the factory whose runtime a reload replaces."""
+
+    port: IListeningPort
+    factory: ProxyFactory
+
+
 class RelayProxyService(Service):
+    """Listeners, recorder and store thread; reloadable; stops gracefully."""
+
     def __init__(self, config: Config, reactor: Any, tls: dict[str, ListenerTLS]) -> None:
         self.config = config
         self.reactor = reactor
-        self.store = RelayStore(
-            config.store.path,
-            mode=config.store.mode,
-            group=config.store.group,
-            lock_timeout=config.store.lock_timeout,
-            notice=lambda message: log.warn("store.notice message={message}", message=message),
-        )
         self.pool = ThreadPool(minthreads=1, maxthreads=1, name="relayproxy-store")
         self.recorder = Recorder(
-            self.store,
+            _store(config),
             reactor=reactor,
             run_in_thread=self._in_store_thread,
             ipv6_keys=config.store.ipv6_keys,
             exclude=config.record.exclude,
             min_interval=config.store.min_interval,
         )
-        self.runtimes = [
-            ListenerRuntime(
-                config=listener,
-                tls=tls[listener.name],
-                recorder=self.recorder,
-                make_watcher=watcher_factory(listener),
-                reactor=reactor,
-                usernames=config.log.usernames,
-            )
-            for listener in config.listeners
-        ]
-        self.ports: list[IListeningPort] = []
+        self._tls = tls
+        self.recorder_settings = config.store
+        self.listening: dict[str, _Listening] = {}
+        self.retired: list[ListenerRuntime] = []  # replaced runtimes with sessions left
+
+    @property
+    def store(self) -> RelayStore:
+        return self.recorder.store
 
     def _in_store_thread(self, function: Callable[[], T]) -> Deferred[T]:
         return deferToThreadPool(self.reactor, self.pool, function)
 
+    def _runtime(self, listener: ListenerConfig, tls: ListenerTLS) -> ListenerRuntime:
+        return ListenerRuntime(
+            config=listener,
+            tls=tls,
+            recorder=self.recorder,
+            make_watcher=watcher_factory(listener),
+            reactor=self.reactor,
+            usernames=self.config.log.usernames,
+        )
+
+    def _bind(self, runtime: ListenerRuntime) -> _Listening:
+        listener = runtime.config
+        factory = ProxyFactory(runtime)
+        try:
+            port = self.reactor.listenTCP(
+                listener.listen.port, factory, interface=listener.listen.host
+            )
+        except CannotListenError as exc:
+            raise ListenError(
+                f"[listener:{listener.name}] listen {listener.listen}: {exc.socketError}"
+            ) from None
+        log.info(
+            "listener.ready listener={listener} protocol={protocol} address={address} "
+            "tls={tls} backend={backend}",
+            listener=listener.name,
+            protocol=listener.protocol,
+            address=str(listener.listen),
+            tls=listener.tls,
+            backend=str(listener.backend),
+        )
+        return _Listening(port, factory)
+
     def listen(self) -> None:
         """Bind every listener now; raises ListenError naming the first that fails."""
-        for runtime in self.runtimes:
-            listener = runtime.config
-            factory = ProxyFactory(runtime)
-            host, port = listener.listen.host, listener.listen.port
+        for listener in self.config.listeners:
             try:
-                if listener.tls == "implicit":
-                    assert runtime.tls.server is not None
-                    bound = self.reactor.listenSSL(
-                        port, factory, runtime.tls.server, interface=host
-                    )
-                else:
-                    bound = self.reactor.listenTCP(port, factory, interface=host)
-            except CannotListenError as exc:
-                for already in self.ports:
-                    already.stopListening()
-                self.ports = []
-                raise ListenError(
-                    f"[listener:{listener.name}] listen {listener.listen}: {exc.socketError}"
-                ) from None
-            self.ports.append(bound)
-            log.info(
-                "listener.ready listener={listener} protocol={protocol} address={address} "
-                "tls={tls} backend={backend}",
-                listener=listener.name,
-                protocol=listener.protocol,
-                address=str(listener.listen),
-                tls=listener.tls,
-                backend=str(listener.backend),
-            )
+                bound = self._bind(self._runtime(listener, self._tls[listener.name]))
+            except ListenError:
+                for already in self.listening.values():
+                    already.port.stopListening()
+                self.listening = {}
+                raise
+            self.listening[listener.name] = bound
+
+    # -- reload --
+
+    def reload(self, config: Config, tls: dict[str, ListenerTLS]) -> list[str]:
+        """Apply a new, already validated configuration to new connections.
+
+        Open sessions keep the runtime (settings, certificate) they started
+        with. Returns the problems met (a listener that could not bind); the
+        rest of the new configuration is applied regardless.
+        """
+        problems: list[str] = []
+        old = self.listening
+        self.config, self._tls = config, tls
+        self._reconfigure_recorder(config)
+        current: dict[str, _Listening] = {}
+        for listener in config.listeners:
+            runtime = self._runtime(listener, tls[listener.name])
+            before = old.pop(listener.name, None)
+            if before is not None and before.factory.runtime.config.listen == listener.listen:
+                self._retire(before.factory.runtime, runtime)
+                before.factory.runtime = runtime
+                current[listener.name] = before
+                continue
+            if before is not None:
+                self._retire(before.factory.runtime, None)
+                before.port.stopListening()
+            try:
+                current[listener.name] = self._bind(runtime)
+            except ListenError as exc:
+                problems.append(str(exc))
+        for name, gone in old.items():
+            log.info("listener.removed listener={listener}", listener=name)
+            self._retire(gone.factory.runtime, None)
+            gone.port.stopListening()
+        self.listening = current
+        return problems
+
+    def _retire(self, runtime: ListenerRuntime, successor: ListenerRuntime | None) -> None:
+        if successor is not None:
+            # One count of open connections per listener, across reloads.
+            successor.limits = runtime.limits
+            successor.limits.total = successor.config.max_connections
+            successor.limits.per_address = successor.config.max_connections_per_ip
+        self.retired = [r for r in self.retired if r.sessions]
+        if runtime.sessions:
+            self.retired.append(runtime)
+
+    def _reconfigure_recorder(self, config: Config) -> None:
+        recorder = self.recorder
+        if config.store != self.recorder_settings:
+            recorder.store = _store(config)  # the next batch goes to the new file
+        recorder.reconfigure(
+            ipv6_keys=config.store.ipv6_keys,
+            exclude=config.record.exclude,
+            min_interval=config.store.min_interval,
+        )
+        self.recorder_settings = config.store
+
+    # -- start and stop --
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
         self.pool.start()
-        self._in_store_thread(self._check_store).addErrback(
+
+    def open_store(self) -> Deferred[None]:
+        """Check (and repair) the store once, off the reactor: fires when done."""
+        checked = self._in_store_thread(self._check_store)
+        return checked.addErrback(
             lambda failure: log.error(
                 "store.error path={path} error={error}",
                 path=self.store.path,
@@ -153,13 +238,40 @@ class RelayProxyService(Service):
         except StoreMissingError:
             log.info("store.absent path={path} (created at the first login)", path=self.store.path)
 
+    def sessions_in_login(self) -> int:
+        runtimes = [bound.factory.runtime for bound in self.listening.values()] + self.retired
+        return sum(1 for runtime in runtimes for session in runtime.sessions if session.in_login)
+
     def stopService(self) -> Deferred[Any]:
         super().stopService()  # type: ignore[no-untyped-call]
-        stopped = DeferredList([port.stopListening() for port in self.ports])  # type: ignore[misc]
-        self.ports = []
+        stopped = DeferredList([bound.port.stopListening() for bound in self.listening.values()])  # type: ignore[misc]
+        stopping_runtimes = [bound.factory.runtime for bound in self.listening.values()]
+        self.retired += stopping_runtimes
+        self.listening = {}
+        stopped.addCallback(lambda _: self._wait_for_logins())
         stopped.addCallback(lambda _: self.recorder.drain())
         stopped.addBoth(self._stop_pool)
         return stopped
+
+    def _wait_for_logins(self) -> Deferred[None]:
+        """Let sessions still logging in finish, up to ``shutdown_timeout`` seconds."""
+        deadline = self.reactor.seconds() + self.config.daemon.shutdown_timeout
+        waiting = self.sessions_in_login()
+        if waiting:
+            log.info("shutdown.waiting sessions={sessions}", sessions=waiting)
+        done: Deferred[None] = Deferred()
+
+        def check() -> None:
+            left = self.sessions_in_login()
+            if not left or self.reactor.seconds() >= deadline:
+                if left:
+                    log.warn("shutdown.timeout sessions={sessions}", sessions=left)
+                done.callback(None)
+                return
+            self.reactor.callLater(0.05, check)
+
+        check()
+        return done
 
     def _stop_pool(self, result: object) -> object:
         pending = self.recorder.pending

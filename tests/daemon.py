@@ -49,6 +49,7 @@ class Listener:
 class Daemon:
     directory: Path
     store_settings: dict[str, str] = field(default_factory=dict)
+    daemon_settings: dict[str, str] = field(default_factory=lambda: {"allow_root": "yes"})
     extra: str = ""
     listeners: list[Listener] = field(default_factory=list)
     process: subprocess.Popen[bytes] | None = None
@@ -74,6 +75,8 @@ class Daemon:
         store = {"path": str(self.db), "min_interval": "0", **self.store_settings}
         lines = ["[store]", *(f"{k} = {v}" for k, v in store.items()), ""]
         lines += ["[log]", f"target = file:{self.log_path}", ""]
+        # The suite runs as root; production configurations set [daemon] user.
+        lines += ["[daemon]", *(f"{k} = {v}" for k, v in self.daemon_settings.items()), ""]
         for listener in self.listeners:
             lines += [f"[listener:{listener.name}]", f"listen = 127.0.0.1:{listener.port}"]
             lines += [f"{k} = {v}" for k, v in listener.settings.items()]

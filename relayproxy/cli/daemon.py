@@ -13,8 +13,9 @@ import sys
 from collections.abc import Sequence
 
 from twisted.internet import reactor
+from twisted.logger import Logger
 
-from relayproxy import __version__
+from relayproxy import __version__, systemd
 from relayproxy.config import (
     DEFAULT_CONFIG_PATH,
     Config,
@@ -23,10 +24,12 @@ from relayproxy.config import (
     load_config,
 )
 from relayproxy.logs import start_logging
+from relayproxy.privileges import PrivilegeError, become, target_identity
 from relayproxy.service import ListenError, RelayProxyService, load_tls
 from relayproxy.tls import ListenerTLS, TLSConfigError
 
 PROG = "relayproxy"
+log = Logger(namespace="relayproxy")
 
 
 def _fail(lines: Sequence[str], status: int) -> int:
@@ -67,22 +70,74 @@ def main(argv: Sequence[str] | None = None) -> int:
     if options.check_config:
         print(f"{PROG}: {path}: OK, {len(config.listeners)} listener(s)")
         return 0
-    return run(config, tls)
+    return run(config, tls, path)
 
 
-def run(config: Config, tls: dict[str, ListenerTLS]) -> int:
+def run(config: Config, tls: dict[str, ListenerTLS], path: str) -> int:
+    try:
+        identity = target_identity(config.daemon)
+    except PrivilegeError as exc:
+        return _fail([str(exc)], 2)
     service = RelayProxyService(config, reactor, tls)
     try:
         service.listen()
     except ListenError as exc:
         return _fail([str(exc)], 1)
-    observer = start_logging(config.log)
+    observer = start_logging(config.log)  # the log file is opened before the switch
+    if identity is not None:
+        try:
+            become(identity)
+        except (OSError, PrivilegeError) as exc:
+            return _fail([f"cannot become {identity.user}:{identity.group}: {exc}"], 1)
+        log.info(
+            "daemon.identity user={user} group={group}", user=identity.user, group=identity.group
+        )
     # logrotate renames the file, then sends SIGUSR1 (config/logrotate.d).
     signal.signal(signal.SIGUSR1, lambda signum, frame: observer.reopen())
+    signal.signal(
+        signal.SIGHUP,
+        lambda signum, frame: reactor.callFromThread(_reload, service, path),  # type: ignore[attr-defined]
+    )
     service.startService()
-    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    # Ready once every listener is bound (above) and the store was opened.
+    service.open_store().addCallback(lambda _: systemd.ready())
+    reactor.addSystemEventTrigger("before", "shutdown", _stopping, service)
     reactor.run()
     return 0
+
+
+def _stopping(service: RelayProxyService) -> object:
+    systemd.stopping()
+    return service.stopService()
+
+
+def _reload(service: RelayProxyService, path: str) -> None:
+    """SIGHUP: the new file for new connections, or the old one and the reasons."""
+    systemd.reloading()
+    log.info("config.reload path={path}", path=path)
+    try:
+        config, tls = load(path)
+    except (ConfigError, TLSConfigError) as exc:
+        for problem in exc.problems:
+            log.error("config.reload.failed problem={problem}", problem=problem)
+        log.error("config.reload.kept reason={reason}", reason="the running configuration stays")
+        systemd.ready()
+        return
+    for section, old, new in (
+        ("log", service.config.log, config.log),
+        ("daemon", service.config.daemon, config.daemon),
+    ):
+        if old != new:
+            log.warn("config.reload.restart_needed section={section}", section=section)
+    problems = service.reload(config, tls)
+    for problem in problems:
+        log.error("config.reload.failed problem={problem}", problem=problem)
+    log.info(
+        "config.reloaded listeners={listeners} problems={problems}",
+        listeners=len(service.listening),
+        problems=len(problems),
+    )
+    systemd.ready()
 
 
 if __name__ == "__main__":
