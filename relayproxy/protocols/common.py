@@ -14,8 +14,9 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,3 +248,105 @@ class SaslUserFinder:
                     )
                     break
         del decoded
+
+
+Unit = TypeVar("Unit")  # what a watcher reads from the server at a time
+
+
+class LoginWatcher(Generic[Unit]):
+    """What the POP3 and IMAP watchers share: buffers, the table, TLS flags, the splice.
+
+    A subclass names its states and events (class attributes below), and
+    provides how it reads the client (``_drain_client``), what a server
+    unit is (``_read_server``: a line, or a response with its literals) and
+    what that unit means (``_on_server``).
+    """
+
+    TRANSITIONS: ClassVar[Mapping[Any, Mapping[Any, Any]]]
+    INITIAL: ClassVar[enum.Enum]
+    CLIENT_TLS: ClassVar[enum.Enum]
+    SPLICED: ClassVar[enum.Enum]
+    CLOSED: ClassVar[enum.Enum]
+    TLS_STARTED: ClassVar[enum.Enum]  # the event that ends CLIENT_TLS
+
+    def __init__(self, settings: WatcherSettings) -> None:
+        self.settings = settings
+        self.state: enum.Enum = self.INITIAL
+        self.tls_active = settings.client_tls is TLSMode.IMPLICIT
+        self._client = LineBuffer(settings.max_line_length)
+        self._server = LineBuffer(settings.max_server_line_length)
+
+    # -- the glue's entry points --
+
+    def client_data(self, data: bytes) -> list[Action]:
+        if self.state is self.SPLICED:
+            return [ToServer(data)]
+        if self.state in (self.CLIENT_TLS, self.CLOSED):
+            return []  # after STLS/STARTTLS: discarded, never carried into TLS
+        self._client.feed(data)
+        return self._drain_client()
+
+    def server_data(self, data: bytes) -> list[Action]:
+        if self.state is self.SPLICED:
+            return [ToClient(data)]
+        if self.state is self.CLOSED:
+            return []
+        self._server.feed(data)
+        actions: list[Action] = []
+        while self.state not in (self.SPLICED, self.CLOSED):
+            try:
+                unit = self._read_server()
+            except LineTooLongError:
+                return [*actions, *self._close("backend sent an overlong line", "backend error")]
+            if unit is None:
+                break
+            actions += self._on_server(unit)
+        if self.state is self.SPLICED:
+            if rest := self._server.take_all():
+                actions.append(ToClient(rest))
+            if held := self._client.take_all():
+                actions.append(ToServer(held))  # pipelined after the login: post-login now
+            return actions
+        return actions + self._drain_client()
+
+    def client_tls_started(self) -> list[Action]:
+        self._move(self.TLS_STARTED)
+        self.tls_active = True
+        return self._drain_client()
+
+    def server_tls_started(self) -> list[Action]:
+        return []
+
+    def refusal(self, reason: str) -> bytes:
+        raise NotImplementedError
+
+    # -- for subclasses --
+
+    def _drain_client(self) -> list[Action]:
+        raise NotImplementedError
+
+    def _read_server(self) -> Unit | None:
+        raise NotImplementedError
+
+    def _on_server(self, unit: Unit) -> list[Action]:
+        raise NotImplementedError
+
+    def _move(self, event: enum.Enum) -> None:
+        try:
+            self.state = self.TRANSITIONS[self.state][event]
+        except KeyError:
+            raise ProtocolViolationError(f"{event.value} in state {self.state.value}") from None
+
+    def _close(self, reason: str, tell_client: str | None = None) -> list[Action]:
+        self.state = self.CLOSED
+        actions: list[Action] = []
+        if tell_client is not None:
+            actions.append(ToClient(self.refusal(tell_client)))
+        actions.append(Close(reason))
+        return actions
+
+    def _tls_required_now(self) -> bool:
+        return self.settings.require_tls and not self.tls_active
+
+    def _offers_tls(self) -> bool:
+        return self.settings.client_tls is TLSMode.STARTTLS and not self.tls_active

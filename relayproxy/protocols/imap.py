@@ -47,11 +47,10 @@ from relayproxy.protocols.common import (
     Action,
     ClientOrigin,
     Close,
-    LineBuffer,
     LineTooLongError,
     LoginFailed,
     LoginSucceeded,
-    ProtocolViolationError,
+    LoginWatcher,
     SaslUserFinder,
     Splice,
     StartClientTLS,
@@ -198,17 +197,19 @@ class _Command:
     refusal: bytes = b""  # the tagged answer to give once a refused command is read
 
 
-class ImapWatcher:
+class ImapWatcher(LoginWatcher[tuple[bytes, bytes]]):
     """Sans-I/O IMAP login watcher; see the module docstring."""
 
     protocol = "imap"
+    TRANSITIONS = TRANSITIONS
+    INITIAL = State.GREETING
+    CLIENT_TLS = State.CLIENT_TLS
+    SPLICED = State.SPLICED
+    CLOSED = State.CLOSED
+    TLS_STARTED = Event.TLS_STARTED
 
     def __init__(self, settings: WatcherSettings, forward_id: ClientOrigin | None = None) -> None:
-        self.settings = settings
-        self.state = State.GREETING
-        self.tls_active = settings.client_tls is TLSMode.IMPLICIT
-        self._client = LineBuffer(settings.max_line_length)
-        self._server = LineBuffer(settings.max_server_line_length)
+        super().__init__(settings)
         self._command: _Command | None = None
         self._forward_id = forward_id
         self._greeting = b""
@@ -216,74 +217,8 @@ class ImapWatcher:
         self._server_response = bytearray()  # a response being read, literals included
         self._server_first = b""  # its first line (what decides its meaning)
 
-    # -- the glue's entry points --
-
-    def client_data(self, data: bytes) -> list[Action]:
-        if self.state is State.SPLICED:
-            return [ToServer(data)]
-        if self.state in (State.CLIENT_TLS, State.CLOSED):
-            return []  # after STARTTLS: discarded, never carried into TLS
-        self._client.feed(data)
-        return self._drain_client()
-
-    def server_data(self, data: bytes) -> list[Action]:
-        if self.state is State.SPLICED:
-            return [ToClient(data)]
-        if self.state is State.CLOSED:
-            return []
-        self._server.feed(data)
-        actions: list[Action] = []
-        while not self._parsing_over():
-            try:
-                response = self._next_server_response()
-            except LineTooLongError:
-                return [*actions, *self._close("backend sent an overlong line", b"backend error")]
-            if response is None:
-                break
-            first, whole = response
-            actions += self._server_response_read(first, whole)
-        if self._spliced():
-            if rest := self._server.take_all():
-                actions.append(ToClient(rest))
-            if held := self._client.take_all():
-                actions.append(ToServer(held))  # pipelined after the login: post-login now
-            return actions
-        return actions + self._drain_client()
-
-    def client_tls_started(self) -> list[Action]:
-        self._move(Event.TLS_STARTED)
-        self.tls_active = True
-        return self._drain_client()
-
-    def server_tls_started(self) -> list[Action]:
-        return []
-
     def refusal(self, reason: str) -> bytes:
         return b"* BYE " + reason.encode("ascii", "replace") + b"\r\n"
-
-    # -- transitions --
-
-    def _move(self, event: Event) -> None:
-        try:
-            self.state = TRANSITIONS[self.state][event]
-        except KeyError:
-            raise ProtocolViolationError(f"{event.value} in state {self.state.value}") from None
-
-    def _spliced(self) -> bool:
-        # A method, not an inline test: mypy keeps the narrowing of
-        # self.state from before the loop that changed it.
-        return self.state is State.SPLICED
-
-    def _parsing_over(self) -> bool:
-        return self.state in (State.SPLICED, State.CLOSED)
-
-    def _close(self, reason: str, tell_client: bytes | None = None) -> list[Action]:
-        self.state = State.CLOSED
-        actions: list[Action] = []
-        if tell_client is not None:
-            actions.append(ToClient(self.refusal(tell_client.decode())))
-        actions.append(Close(reason))
-        return actions
 
     # -- client side --
 
@@ -303,7 +238,7 @@ class ImapWatcher:
             try:
                 line = self._client.next_line()
             except LineTooLongError:
-                return [*actions, *self._close("client line too long", b"line too long")]
+                return [*actions, *self._close("client line too long", "line too long")]
             if line is None:
                 break
             if state is State.READY:
@@ -313,17 +248,11 @@ class ImapWatcher:
             else:
                 actions += self._command_fragment(line)
         if len(self._client) > self.settings.max_held_bytes:
-            return [*actions, *self._close("client sent too much before login", b"too much data")]
+            return [*actions, *self._close("client sent too much before login", "too much data")]
         return actions
 
     def _literal_due(self) -> int | None:
         return self._command.literal if self._command is not None else None
-
-    def _tls_required_now(self) -> bool:
-        return self.settings.require_tls and not self.tls_active
-
-    def _offers_starttls(self) -> bool:
-        return self.settings.client_tls is TLSMode.STARTTLS and not self.tls_active
 
     def _command_start(self, line: bytes) -> list[Action]:
         text = strip_eol(line)
@@ -338,7 +267,7 @@ class ImapWatcher:
         command = _Command(tag, verb)
         self._command = command
         if verb == b"STARTTLS":
-            if not self._offers_starttls():
+            if not self._offers_tls():
                 self._command = None
                 self._move(Event.LOCAL_ANSWER)
                 return [ToClient(tag + b" BAD STARTTLS is not available here\r\n")]
@@ -388,7 +317,7 @@ class ImapWatcher:
                 self._move(Event.LOCAL_ANSWER)
                 return [ToClient(answer)]
             if fragment.literal > self.settings.max_literal_length:
-                return self._close("client literal too large", b"literal too large")
+                return self._close("client literal too large", "literal too large")
             command.literal = fragment.literal
             return []
         self._note_arguments(command, fragment.tokens)
@@ -409,7 +338,7 @@ class ImapWatcher:
             return [ToClient(answer)]
         # The client sends the bytes without waiting, or part of the command
         # already went to the backend: no clean way back in this session.
-        return [ToClient(answer), *self._close("client literal too large", b"literal too large")]
+        return [ToClient(answer), *self._close("client literal too large", "literal too large")]
 
     def _note_arguments(self, command: _Command, tokens: list[bytes]) -> None:
         if command.verb == b"LOGIN" and command.arguments == 0 and tokens:
@@ -439,7 +368,7 @@ class ImapWatcher:
 
     # -- server side --
 
-    def _next_server_response(self) -> tuple[bytes, bytes] | None:
+    def _read_server(self) -> tuple[bytes, bytes] | None:
         """The next whole response (first line, all bytes), literals included."""
         while True:
             if self._server_literal:
@@ -464,7 +393,8 @@ class ImapWatcher:
             self._server_response.clear()
             return self._server_first, whole
 
-    def _server_response_read(self, first: bytes, whole: bytes) -> list[Action]:
+    def _on_server(self, response: tuple[bytes, bytes]) -> list[Action]:
+        first, whole = response
         if self.state is State.GREETING:
             return self._greeting_read(first, whole)
         text = strip_eol(first)
@@ -536,7 +466,7 @@ class ImapWatcher:
         self._command = None
         if command.tag == _INTERNAL_STARTTLS:
             if status != b"OK":
-                return self._close("backend refused STARTTLS", b"backend unavailable")
+                return self._close("backend refused STARTTLS", "backend unavailable")
             self._move(Event.DONE)  # the greeting is released, as if just received
             return [StartServerTLS(), ToClient(self._greeting), *self._send_id()]
         self._move(Event.DONE)
@@ -576,7 +506,7 @@ class ImapWatcher:
             if upper == b"STARTTLS" or (hide_logins and upper.startswith(b"AUTH=")):
                 continue
             shown.append(name)
-        if self._offers_starttls():
+        if self._offers_tls():
             shown.append(b"STARTTLS")
         if hide_logins and b"LOGINDISABLED" not in (name.upper() for name in shown):
             shown.append(b"LOGINDISABLED")

@@ -36,11 +36,10 @@ from dataclasses import dataclass, field
 from relayproxy.protocols.common import (
     Action,
     Close,
-    LineBuffer,
     LineTooLongError,
     LoginFailed,
     LoginSucceeded,
-    ProtocolViolationError,
+    LoginWatcher,
     SaslUserFinder,
     Splice,
     StartClientTLS,
@@ -142,88 +141,25 @@ class _InFlight:
     capa_lines: list[bytes] = field(default_factory=list)
 
 
-class Pop3Watcher:
+class Pop3Watcher(LoginWatcher[bytes]):
     """Sans-I/O POP3 login watcher; see the module docstring."""
 
     protocol = "pop3"
+    TRANSITIONS = TRANSITIONS
+    INITIAL = State.GREETING
+    CLIENT_TLS = State.CLIENT_TLS
+    SPLICED = State.SPLICED
+    CLOSED = State.CLOSED
+    TLS_STARTED = Event.TLS_STARTED
 
     def __init__(self, settings: WatcherSettings) -> None:
-        self.settings = settings
-        self.state = State.GREETING
-        self.tls_active = settings.client_tls is TLSMode.IMPLICIT
-        self._client = LineBuffer(settings.max_line_length)
-        self._server = LineBuffer(settings.max_server_line_length)
+        super().__init__(settings)
         self._inflight: _InFlight | None = None
         self._user: str | None = None  # from an accepted USER, for the log
         self._greeting = b""
 
-    # -- the glue's entry points --
-
-    def client_data(self, data: bytes) -> list[Action]:
-        if self.state is State.SPLICED:
-            return [ToServer(data)]
-        if self.state in (State.CLIENT_TLS, State.CLOSED):
-            return []  # after STLS: discarded, never carried into TLS
-        self._client.feed(data)
-        return self._drain_client()
-
-    def server_data(self, data: bytes) -> list[Action]:
-        if self.state is State.SPLICED:
-            return [ToClient(data)]
-        if self.state is State.CLOSED:
-            return []
-        self._server.feed(data)
-        actions: list[Action] = []
-        while not self._parsing_over():
-            try:
-                line = self._server.next_line()
-            except LineTooLongError:
-                return [*actions, *self._close("backend sent an overlong line", b"backend error")]
-            if line is None:
-                break
-            actions += self._server_line(line)
-        if self._spliced():
-            if rest := self._server.take_all():
-                actions.append(ToClient(rest))
-            if held := self._client.take_all():
-                actions.append(ToServer(held))  # pipelined after the login: post-login now
-            return actions
-        return actions + self._drain_client()
-
-    def client_tls_started(self) -> list[Action]:
-        self._move(Event.TLS_STARTED)
-        self.tls_active = True
-        return self._drain_client()
-
-    def server_tls_started(self) -> list[Action]:
-        return []
-
     def refusal(self, reason: str) -> bytes:
         return b"-ERR " + reason.encode("ascii", "replace") + b"\r\n"
-
-    # -- transitions --
-
-    def _spliced(self) -> bool:
-        # A method, not an inline test: mypy keeps the narrowing of
-        # self.state from before the loop that changed it.
-        return self.state is State.SPLICED
-
-    def _parsing_over(self) -> bool:
-        return self.state in (State.SPLICED, State.CLOSED)
-
-    def _move(self, event: Event) -> None:
-        try:
-            self.state = TRANSITIONS[self.state][event]
-        except KeyError:
-            raise ProtocolViolationError(f"{event.value} in state {self.state.value}") from None
-
-    def _close(self, reason: str, tell_client: bytes | None = None) -> list[Action]:
-        self.state = State.CLOSED
-        actions: list[Action] = []
-        if tell_client is not None:
-            actions.append(ToClient(self.refusal(tell_client.decode())))
-        actions.append(Close(reason))
-        return actions
 
     # -- client side --
 
@@ -233,7 +169,7 @@ class Pop3Watcher:
             try:
                 line = self._client.next_line()
             except LineTooLongError:
-                return [*actions, *self._close("client line too long", b"line too long")]
+                return [*actions, *self._close("client line too long", "line too long")]
             if line is None:
                 break
             if self.state is State.READY:
@@ -241,20 +177,14 @@ class Pop3Watcher:
             else:
                 actions += self._sasl_response(line)
         if len(self._client) > self.settings.max_held_bytes:
-            return [*actions, *self._close("client sent too much before login", b"too much data")]
+            return [*actions, *self._close("client sent too much before login", "too much data")]
         return actions
-
-    def _tls_required_now(self) -> bool:
-        return self.settings.require_tls and not self.tls_active
-
-    def _offers_stls(self) -> bool:
-        return self.settings.client_tls is TLSMode.STARTTLS and not self.tls_active
 
     def _command(self, line: bytes) -> list[Action]:
         verb, _, argument = strip_eol(line).partition(b" ")
         verb = verb.upper()
         if verb == b"STLS":
-            if not self._offers_stls():
+            if not self._offers_tls():
                 return [ToClient(b"-ERR STLS not available\r\n")]
             self._client.take_all()
             self._move(Event.STLS)
@@ -300,13 +230,16 @@ class Pop3Watcher:
 
     # -- server side --
 
-    def _server_line(self, line: bytes) -> list[Action]:
+    def _read_server(self) -> bytes | None:
+        return self._server.next_line()
+
+    def _on_server(self, line: bytes) -> list[Action]:
         state = self.state
         if state is State.GREETING:
             return self._greeting_line(line)
         if state is State.BACKEND_STLS:
             if status_of(line) != OK:
-                return self._close("backend refused STLS", b"backend unavailable")
+                return self._close("backend refused STLS", "backend unavailable")
             self._move(Event.STATUS)
             return [StartServerTLS(), ToClient(self._greeting)]
         if state is State.MULTILINE:
@@ -373,6 +306,6 @@ class Pop3Watcher:
             if name == b"STLS" or (hide_logins and name in (b"USER", b"SASL")):
                 continue
             shown.append(line)
-        if self._offers_stls():
+        if self._offers_tls():
             shown.append(b"STLS\r\n")
         return shown
