@@ -372,12 +372,6 @@ def _listener(reader: _Reader, section: str, raw: Mapping[str, str]) -> Listener
         for key in ("certificate", "private_key"):
             if key not in values and key not in raw:
                 reader.problem(section, key, f"missing (required with tls = {tls})")
-    if tls == "implicit" and values.get("proxy_protocol_in"):
-        reader.problem(
-            section,
-            "proxy_protocol_in",
-            "is not supported with tls = implicit yet (the header precedes the TLS handshake)",
-        )
     if values.get("require_tls") and tls == "none":
         reader.problem(section, "require_tls", "yes needs tls = starttls or implicit")
     protocol = values.get("protocol")

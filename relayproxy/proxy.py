@@ -181,11 +181,6 @@ class FrontendProtocol(Protocol):
 
     def connectionMade(self) -> None:
         _no_delay(self.transport)
-        if self.runtime.config.tls == "implicit":
-            # Per connection rather than per port, so that a reload's new
-            # certificate is used from the next connection on.
-            assert self.runtime.tls.server is not None
-            self.transport.startTLS(self.runtime.tls.server)  # type: ignore[union-attr]
         self.runtime.sessions.add(self)
         reactor = self.runtime.reactor
         self._opened = reactor.seconds()
@@ -196,9 +191,18 @@ class FrontendProtocol(Protocol):
             self._reject("not a TCP peer")
             return
         if self.runtime.trusts_proxy_header_from(peer[0]):
-            self._awaiting_header = True
+            self._awaiting_header = True  # in clear, before any TLS handshake
             return
+        self._start_implicit_tls()
         self._start(*peer)
+
+    def _start_implicit_tls(self) -> None:
+        if self.runtime.config.tls != "implicit":
+            return
+        # Per connection rather than per port, so that a reload's new
+        # certificate is used from the next connection on.
+        assert self.runtime.tls.server is not None
+        self.transport.startTLS(self.runtime.tls.server)  # type: ignore[union-attr]
 
     def _start(self, host: str, port: int) -> None:
         try:
@@ -288,8 +292,16 @@ class FrontendProtocol(Protocol):
             self.local = destination
         peer = source or _address_of(self.transport.getPeer())  # type: ignore[union-attr]
         assert peer is not None
+        self._start_implicit_tls()
         self._start(*peer)  # "PROXY UNKNOWN"/LOCAL (health checks): the peer itself
-        if rest and self.watcher is not None:
+        if not rest or self.watcher is None:
+            return
+        if self.runtime.config.tls == "implicit":
+            # Handshake bytes that came behind the header: startTLS made the
+            # transport's protocol the TLS layer (as twisted.internet._newtls
+            # documents), so they are fed in there, not to the watcher.
+            self.transport.protocol.dataReceived(rest)  # type: ignore[union-attr]
+        else:
             self._from_client(rest)
 
     # -- bytes from the backend --

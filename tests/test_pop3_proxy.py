@@ -439,3 +439,61 @@ def test_a_listen_address_in_use_is_one_clear_line_and_exit_1(
 def test_wait_for_helper_fails_loudly() -> None:
     with pytest.raises(AssertionError, match="timed out waiting for nothing"):
         wait_for("nothing", lambda: None, timeout=0.05)
+
+
+class GluedTLS:
+    """TLS over memory BIOs, so the ClientHello can share a segment with the header."""
+
+    def __init__(self, raw: socket.socket, context: ssl.SSLContext, header: bytes) -> None:
+        self.raw = raw
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_hostname="localhost")
+        with pytest.raises(ssl.SSLWantReadError):
+            self.tls.do_handshake()
+        raw.sendall(header + self.outgoing.read())
+        while True:
+            self.incoming.write(raw.recv(65536))
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                raw.sendall(self.outgoing.read())
+        raw.sendall(self.outgoing.read())
+
+    def exchange(self, line: bytes) -> bytes:
+        if line:
+            self.tls.write(line)
+            self.raw.sendall(self.outgoing.read())
+        while True:
+            try:
+                return self.tls.read(65536)
+            except ssl.SSLWantReadError:
+                self.incoming.write(self.raw.recv(65536))
+
+
+def test_proxy_protocol_before_implicit_tls(daemon: Daemon, dovecot: Dovecot) -> None:
+    """A TCP load balancer in front of POP3S: header in clear, then the TLS handshake."""
+    port = pop3_listener(
+        daemon, dovecot, tls="implicit", proxy_protocol_in="127.0.0.0/8", **tls_listener(dovecot)
+    )
+    daemon.start()
+    context = ssl.create_default_context(cafile=str(dovecot.ca_certificate))
+    header = b"PROXY TCP4 198.51.100.20 127.0.0.1 40000 995\r\n"
+    raw = socket.create_connection(("127.0.0.1", port), timeout=30)
+    raw.sendall(header)
+    tls = context.wrap_socket(raw, server_hostname="localhost")
+    reader = tls.makefile("rb")
+    assert reader.readline().startswith(b"+OK")
+    tls.sendall(b"USER alice\r\nPASS alice-secret\r\n")
+    assert reader.readline().startswith(b"+OK")
+    assert reader.readline().startswith(b"+OK")
+    tls.close()
+    # The ClientHello in the same segment as the header.
+    raw = socket.create_connection(("127.0.0.1", port), timeout=30)
+    glued = GluedTLS(raw, context, header.replace(b".20 ", b".21 "))
+    assert glued.exchange(b"").startswith(b"+OK")
+    assert glued.exchange(b"USER alice\r\n").startswith(b"+OK")
+    assert glued.exchange(b"PASS alice-secret\r\n").startswith(b"+OK")
+    raw.close()
+    daemon.wait_for_record("198.51.100.20")
+    daemon.wait_for_record("198.51.100.21")
