@@ -347,7 +347,9 @@ def parse_config(text: str, source: str) -> Config:
             if listener is not None:
                 listeners.append(listener)
         else:
-            reader.problem(name, None, "unknown section (known: store, record, log, listener:NAME)")
+            reader.problem(
+                name, None, "unknown section (known: store, record, log, daemon, listener:NAME)"
+            )
     _check_listeners(reader, listeners)
     if reader.problems:
         raise ConfigError(reader.problems)

@@ -100,9 +100,9 @@ def _server_options(
             raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
         )
         options.getContext()  # checks that the key matches the certificate
-    except Exception as exc:
+    except Exception as exc:  # OpenSSL's errors have no common base worth naming
         problems.append(
-            f"{section} private_key: {private_key} does not match {certificate} ({exc})"
+            f"{section} private_key: {private_key} cannot be used with {certificate} ({exc})"
         )
         return None
     return options
