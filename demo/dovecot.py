@@ -133,6 +133,7 @@ class Dovecot:
         *,
         host: str = "127.0.0.1",
         haproxy_trusted: str = "127.0.0.0/8",
+        login_trusted: str = "",
     ) -> None:
         self.directory = Path(directory).absolute()
         if unsafe := _UNSAFE_PATH_CHARACTERS.intersection(str(self.directory)):
@@ -142,6 +143,8 @@ class Dovecot:
         self.users = tuple(users)
         self.host = host
         self.haproxy_trusted = haproxy_trusted
+        # Networks whose IMAP ID x-originating-ip Dovecot believes (forward_id).
+        self.login_trusted = login_trusted
         self.config_path = self.directory / "dovecot.conf"
         self.log_path = self.directory / "dovecot.log"
         self.stderr_path = self.directory / "stderr.log"
@@ -319,6 +322,7 @@ class Dovecot:
             cert=self.server_certificate,
             key=self.server_key,
             haproxy_trusted=self.haproxy_trusted,
+            login_trusted=self.login_trusted,
             passwd=self.passwd_path,
             uid=account.pw_uid,
             gid=account.pw_gid,
@@ -402,6 +406,7 @@ auth_mechanisms = plain login cram-md5 apop
 auth_verbose = yes
 auth_failure_delay = 0
 haproxy_trusted_networks = {haproxy_trusted}
+login_trusted_networks = {login_trusted}
 
 passdb {{
   driver = passwd-file
@@ -481,9 +486,12 @@ def running_dovecot(
     *,
     host: str = "127.0.0.1",
     haproxy_trusted: str = "127.0.0.0/8",
+    login_trusted: str = "",
 ) -> Iterator[Dovecot]:
     """`with running_dovecot(tmp) as dovecot:` -- started on entry, stopped on exit."""
-    with Dovecot(directory, users, host=host, haproxy_trusted=haproxy_trusted) as dovecot:
+    with Dovecot(
+        directory, users, host=host, haproxy_trusted=haproxy_trusted, login_trusted=login_trusted
+    ) as dovecot:
         yield dovecot
 
 

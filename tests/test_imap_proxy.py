@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from demo.dovecot import Dovecot
+from demo.dovecot import Dovecot, running_dovecot
 from tests.daemon import Daemon
 
 CURL = ["curl", "--silent", "--show-error", "--max-time", "60"]
@@ -330,3 +330,21 @@ def test_backend_starttls_for_imap(daemon: Daemon, dovecot: Dovecot) -> None:
     client.login("bob", "bob-secret")
     client.logout()
     daemon.wait_for_record("127.0.1.120")
+
+
+def test_forward_id_tells_dovecot_the_real_client(daemon: Daemon, tmp_path: Path) -> None:
+    """With forward_id, Dovecot (trusting the proxy) logs the client, not the proxy."""
+    with running_dovecot(tmp_path / "dovecot", login_trusted="127.0.0.1/32") as trusting:
+        port = daemon.listener(
+            "imap-id",
+            protocol="imap",
+            backend=f"127.0.0.1:{trusting.ports.imap}",
+            forward_id="yes",
+        )
+        daemon.start()
+        client = IMAP4From("127.0.0.1", port, "127.0.1.130")
+        client.login("alice", "alice-secret")
+        client.logout()
+        assert "rip=127.0.1.130" in trusting.wait_for_log("rip=127.0.1.130")
+        daemon.wait_for_record("127.0.1.130")
+        assert daemon.stop() == 0
