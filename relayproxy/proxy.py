@@ -49,7 +49,12 @@ from relayproxy.protocols.common import (
     ToServer,
     Watcher,
 )
-from relayproxy.proxy_header import looks_like_proxy_header, proxy_header_v1, proxy_header_v2
+from relayproxy.proxy_header import (
+    V2_SIGNATURE,
+    looks_like_proxy_header,
+    proxy_header_v1,
+    proxy_header_v2,
+)
 from relayproxy.recorder import Recorder
 from relayproxy.tls import ListenerTLS
 
@@ -251,7 +256,7 @@ class FrontendProtocol(Protocol):
             return
         if self.watcher is None or self.closing:
             return
-        if len(self._head) < len(b"\r\n\r\n\x00\r\nQUIT\n"):
+        if len(self._head) < len(V2_SIGNATURE):
             self._head += data[:12]
             if looks_like_proxy_header(self._head):
                 self._reject("PROXY header from an untrusted peer")

@@ -497,3 +497,34 @@ def test_proxy_protocol_before_implicit_tls(daemon: Daemon, dovecot: Dovecot) ->
     raw.close()
     daemon.wait_for_record("198.51.100.20")
     daemon.wait_for_record("198.51.100.21")
+
+
+def test_connection_limits_answer_in_protocol_and_close(daemon: Daemon, dovecot: Dovecot) -> None:
+    port = pop3_listener(daemon, dovecot, max_connections_per_ip="2", max_connections="3")
+    daemon.start()
+    held = [POP3From("127.0.0.1", port, "127.0.2.1") for _ in range(2)]
+    with pytest.raises(poplib.error_proto, match="too many connections"):
+        POP3From("127.0.0.1", port, "127.0.2.1")  # a third from the same address
+    held.append(POP3From("127.0.0.1", port, "127.0.2.2"))  # another address: fine
+    with pytest.raises(poplib.error_proto, match="too many connections"):
+        POP3From("127.0.0.1", port, "127.0.2.3")  # over the listener's total
+    for client in held:
+        client.quit()
+    daemon.wait_for_log("connection.refused", "client=127.0.2.3")
+    # Closed connections are counted out again.
+    POP3From("127.0.0.1", port, "127.0.2.1").quit()
+
+
+def test_the_login_timeout_answers_and_closes(daemon: Daemon, dovecot: Dovecot) -> None:
+    port = pop3_listener(daemon, dovecot, preauth_timeout="0.5", idle_timeout="0.5")
+    daemon.start()
+    idle = POP3From("127.0.0.1", port, "127.0.2.10")
+    assert idle.file.readline() == b"-ERR timeout waiting for login\r\n"
+    assert idle.file.readline() == b""  # closed
+    daemon.wait_for_log("connection.timeout", "phase=login")
+    # After login the idle timeout applies instead, and ends a silent session.
+    session = POP3From("127.0.0.1", port, "127.0.2.11")
+    session.user("alice")
+    session.pass_("alice-secret")
+    assert session.file.readline() == b""
+    daemon.wait_for_log("connection.timeout", "phase=idle")
