@@ -8,9 +8,11 @@ Key forms (DESIGN.md, "Store conventions"):
 * IPv4: the dotted quad, as sendmail's ``${client_addr}`` and Postfix's
   client address both hold it. An IPv4-mapped IPv6 peer (``::ffff:a.b.c.d``,
   what a dual-stack socket reports for an IPv4 client) is recorded as IPv4.
-* IPv6, ``postfix``: the compressed RFC 5952 form (``2001:db8::1``), which is
-  what Postfix's smtpd puts in ``client_addr`` and looks up in
-  ``check_client_access``.
+* IPv6, ``postfix``: the compressed form (``2001:db8::1``) exactly as the C
+  library's ``inet_ntop()`` writes it, which is what Postfix's smtpd (and
+  Exim's ``$sender_host_address``) hold. Python's ``ipaddress`` differs for
+  IPv4-compatible addresses (``::102:304`` where ``inet_ntop`` writes
+  ``::1.2.3.4``), so the key comes from ``socket.inet_ntop``.
 * IPv6, ``sendmail``: ``ipv6:`` followed by the uncompressed form with no
   leading zeros (``ipv6:2001:db8:0:0:0:0:0:1``). sendmail's ``anynet_ntop()``
   (sendmail/daemon.c) prefixes ``IPv6:``, and with ``IPV6_FULL`` (defined to 1
@@ -26,6 +28,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import re
+import socket
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -110,6 +113,11 @@ def sendmail_ipv6(address: ipaddress.IPv6Address) -> str:
     return SENDMAIL_IPV6_PREFIX + ":".join(f"{group:x}" for group in groups)
 
 
+def postfix_ipv6(address: ipaddress.IPv6Address) -> str:
+    """The key Postfix and Exim look up for an IPv6 peer: the C library's inet_ntop."""
+    return socket.inet_ntop(socket.AF_INET6, address.packed)
+
+
 def relayer_keys(address: IPAddress, style: IPv6KeyStyle) -> tuple[str, ...]:
     """The keys under which the MTAs look ``address`` up, per ``[store] ipv6_keys``."""
     if isinstance(address, ipaddress.IPv4Address):
@@ -117,8 +125,8 @@ def relayer_keys(address: IPAddress, style: IPv6KeyStyle) -> tuple[str, ...]:
     if style is IPv6KeyStyle.SENDMAIL:
         return (sendmail_ipv6(address),)
     if style is IPv6KeyStyle.POSTFIX:
-        return (address.compressed,)
-    return (sendmail_ipv6(address), address.compressed)
+        return (postfix_ipv6(address),)
+    return (sendmail_ipv6(address), postfix_ipv6(address))
 
 
 def all_relayer_keys(address: IPAddress) -> tuple[str, ...]:

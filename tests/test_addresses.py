@@ -93,3 +93,12 @@ def test_every_address_parses_back_from_each_key_it_is_written_under(
     assert parse_client_address(str(address)) == expected
     for key in all_relayer_keys(expected):
         assert parse_client_address(key) == expected
+
+
+def test_postfix_keys_are_written_as_the_c_library_writes_them() -> None:
+    # Postfix and Exim print peers with inet_ntop(); ipaddress would say ::102:304.
+    address = parse_client_address("::1.2.3.4")
+    assert relayer_keys(address, IPv6KeyStyle.POSTFIX) == ("::1.2.3.4",)
+    assert relayer_keys(parse_client_address("2001:db8:0:0:1:0:0:1"), IPv6KeyStyle.POSTFIX) == (
+        "2001:db8::1:0:0:1",
+    )
