@@ -29,6 +29,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--state", type=Path, default=ROOT / ".demo", help="state directory")
     options = parser.parse_args()
+    # Started from a background job, SIGINT arrives ignored: Ctrl-C (and a
+    # plain kill) must still stop the demo and what it started.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     state = options.state.resolve()
     state.mkdir(parents=True, exist_ok=True)
     with running_dovecot(state / "dovecot") as dovecot:

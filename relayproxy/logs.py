@@ -680,24 +680,41 @@ class LogObserver:
     def __init__(self, sink: _Sink, *, usernames: bool) -> None:
         self._sink = sink
         self._usernames = usernames
-        self._lock = threading.Lock()
+        # Reentrant, and a depth count: a signal handler that logs (Twisted's
+        # SIGTERM handler does) runs in the middle of an emit on the same
+        # thread. With a plain lock that deadlocked the daemon at shutdown;
+        # now the nested line waits in _nested and the outer call writes it.
+        self._lock = threading.RLock()
+        self._depth = 0
+        self._nested: list[_Rendered] = []
         self._reopen_requested = False
 
     def __call__(self, event: LogEvent) -> None:
         rendered = _render(event, self._usernames)
         with self._lock:
-            self._reopen_if_requested()
-            self._sink.emit(rendered)
+            self._depth += 1
+            try:
+                if self._depth > 1:
+                    self._nested.append(rendered)
+                    return
+                self._reopen_if_requested()
+                self._sink.emit(rendered)
+                while self._nested:
+                    self._sink.emit(self._nested.pop(0))
+            finally:
+                self._depth -= 1
 
     def reopen(self) -> None:
         """Reopen a ``file:`` target at its path (after logrotate); a no-op otherwise.
 
-        Safe in a signal handler: never waits for the lock.
+        Safe in a signal handler: never waits for the lock, and never swaps
+        the file under an emit in progress (the next emit reopens instead).
         """
         self._reopen_requested = True
         if self._lock.acquire(blocking=False):
             try:
-                self._reopen_if_requested()
+                if self._depth == 0:
+                    self._reopen_if_requested()
             finally:
                 self._lock.release()
 

@@ -203,3 +203,22 @@ def test_a_new_listener_that_cannot_bind_is_reported_and_the_rest_applies(
     login(first).quit()
     login(extra).quit()
     assert free_port() > 0
+
+
+def test_sigusr1_reopens_the_log_file_after_logrotate_renamed_it(
+    daemon: Daemon, dovecot: Dovecot
+) -> None:
+    port = pop3(daemon, dovecot)
+    daemon.start()
+    login(port).quit()
+    daemon.wait_for_log("login.success")
+    rotated = daemon.log_path.with_suffix(".log.1")
+    daemon.log_path.rename(rotated)  # what logrotate does before its postrotate
+    assert daemon.process is not None
+    daemon.process.send_signal(signal.SIGUSR1)
+    wait_for("the log file to be created again", daemon.log_path.exists)
+    login(port, "bob", "bob-secret").quit()
+    line = daemon.wait_for_log("login.success", "user=bob")
+    assert "user=bob" not in rotated.read_text()
+    assert "user=alice" in rotated.read_text()
+    assert "user=bob" in line

@@ -469,16 +469,26 @@ def test_reopen_never_waits_for_a_write_in_progress(tmp_path: Path) -> None:
     """As from a signal handler that interrupted a write: reopen at the next write."""
     path = tmp_path / "relayproxy.log"
     observer = make_observer(LogConfig(target=f"file:{path}"))
+    sink = observer._sink
+    original = sink.emit
     try:
         observer(login_success("first"))
         path.rename(tmp_path / "relayproxy.log.1")
-        with observer._lock:
-            observer.reopen()
+
+        def emit_interrupted_by_sigusr1(rendered: Any) -> None:
+            observer.reopen()  # the signal lands mid-write: nothing is swapped now
             assert not path.exists()
+            original(rendered)
+
+        sink.emit = emit_interrupted_by_sigusr1  # type: ignore[method-assign]
         observer(login_success("second"))
+        sink.emit = original  # type: ignore[method-assign]
+        observer(login_success("third"))
     finally:
         observer.close()
-    assert [parse_line(line)[3]["user"] for line in path.read_text().splitlines()] == ["second"]
+    old = (tmp_path / "relayproxy.log.1").read_text().splitlines()
+    assert [parse_line(line)[3]["user"] for line in old] == ["first", "second"]
+    assert [parse_line(line)[3]["user"] for line in path.read_text().splitlines()] == ["third"]
 
 
 def test_failed_reopen_keeps_the_old_file_and_says_so(tmp_path: Path) -> None:
@@ -675,3 +685,24 @@ def test_syslog_priority_mapping_with_mocked_syslog(monkeypatch: pytest.MonkeyPa
         ("syslog", (syslog.LOG_MAIL | syslog.LOG_CRIT, f"critical {body}")),
         ("closelog", ()),
     ]
+
+
+def test_an_event_logged_from_inside_an_emit_is_written_not_deadlocked(tmp_path: Path) -> None:
+    """Twisted's SIGTERM handler logs; a signal can land while a line is being written."""
+    target = tmp_path / "reentrant.log"
+    observer = make_observer(LogConfig(target=f"file:{target}"))
+    sink = observer._sink
+    original = sink.emit
+    nested_once: list[bool] = []
+
+    def emit_then_signal(rendered: object) -> None:
+        original(rendered)  # type: ignore[arg-type]
+        if not nested_once:
+            nested_once.append(True)
+            observer(login_success(log_format="signal.received name={name}", name="TERM"))
+
+    sink.emit = emit_then_signal  # type: ignore[method-assign]
+    observer(login_success(log_format="first.event a={a}", a="1"))
+    observer.reopen()  # not under an emit: reopens at once
+    lines = target.read_text().splitlines()
+    assert [line.split()[2] for line in lines] == ["first.event", "signal.received"]
