@@ -415,11 +415,40 @@ def _render_event(event: LogEvent, usernames: bool) -> _Rendered:
     )
 
 
+@functools.lru_cache(maxsize=1024)
+def _parsed_format(
+    log_format: str,
+) -> tuple[tuple[str, str | None, str | None, str | None], ...] | None:
+    """A format string split once into its pieces; None when it nests fields in a spec."""
+    pieces = tuple(_FORMATTER.parse(log_format))
+    if any(spec and "{" in spec for _, _, spec, _ in pieces):
+        return None
+    return pieces
+
+
+def _vformat(log_format: str, fields: _SafeFields) -> str:
+    # string.Formatter.vformat re-parses the format on every event; the
+    # daemon's few formats are parsed once (the hot path is login events).
+    pieces = _parsed_format(log_format)
+    if pieces is None:
+        return _FORMATTER.vformat(log_format, (), fields)
+    out: list[str] = []
+    for literal, field_name, spec, conversion in pieces:
+        out.append(literal)
+        if field_name is None:
+            continue
+        if not field_name:
+            raise ValueError("positional fields are not supported in log formats")
+        value, _ = _FORMATTER.get_field(field_name, (), fields)
+        out.append(format(_FORMATTER.convert_field(value, conversion), spec or ""))
+    return "".join(out)
+
+
 def _render_format(
     name: str, log_format: str, values: Mapping[str, object], own: Mapping[str, object]
 ) -> str:
     try:
-        return _FORMATTER.vformat(log_format, (), _SafeFields(values))
+        return _vformat(log_format, _SafeFields(values))
     except Exception as exc:
         # A wrong format string (a missing key, a bad spec) still gives one
         # parseable line with the event's name and its fields.
