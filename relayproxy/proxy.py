@@ -123,6 +123,8 @@ class ListenerRuntime:
         return endpoint
 
     def trusts_proxy_header_from(self, host: str) -> bool:
+        if not self.config.proxy_protocol_in:
+            return False
         try:
             address = peer_address(host)
         except AddressError:
