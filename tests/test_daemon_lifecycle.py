@@ -222,3 +222,22 @@ def test_sigusr1_reopens_the_log_file_after_logrotate_renamed_it(
     assert "user=bob" not in rotated.read_text()
     assert "user=alice" in rotated.read_text()
     assert "user=bob" in line
+
+
+def test_an_unopenable_log_file_is_one_clear_line(daemon: Daemon, dovecot: Dovecot) -> None:
+    pop3(daemon, dovecot)
+    text = daemon.config_text().replace(
+        f"target = file:{daemon.log_path}", "target = file:/nonexistent-dir/relayproxy.log"
+    )
+    daemon.config_path.write_text(text)
+    result = subprocess.run(
+        [sys.executable, "-m", "relayproxy.cli.daemon", "--config", str(daemon.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"relayproxy: {daemon.config_path}: [log] target: "
+        "file:/nonexistent-dir/relayproxy.log: No such file or directory"
+    ]

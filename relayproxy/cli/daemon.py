@@ -83,7 +83,10 @@ def run(config: Config, tls: dict[str, ListenerTLS], path: str) -> int:
         service.listen()
     except ListenError as exc:
         return _fail([str(exc)], 1)
-    observer = start_logging(config.log)  # the log file is opened before the switch
+    try:
+        observer = start_logging(config.log)  # the log file is opened before the switch
+    except OSError as exc:
+        return _fail([f"{config.source}: [log] target: {config.log.target}: {exc.strerror}"], 1)
     if identity is not None:
         try:
             become(identity)
