@@ -16,7 +16,14 @@ from relayproxy.protocols.common import (
     WatcherSettings,
 )
 from relayproxy.protocols.imap import TRANSITIONS, ImapWatcher, State, scan
-from tests.watcher_dialogues import Outcome, Step, play
+from tests.watcher_dialogues import (
+    Outcome,
+    Step,
+    every_byte,
+    play,
+    reachable_states,
+    single_cuts,
+)
 
 GREETING = b"* OK [CAPABILITY IMAP4rev1 SASL-IR LITERAL+ STARTTLS AUTH=PLAIN] Dovecot ready.\r\n"
 
@@ -253,14 +260,13 @@ def test_any_fragmentation_gives_the_same_bytes_and_decisions(name: str, cuts: l
 def test_every_single_cut_gives_the_same_outcome(name: str) -> None:
     steps, _, overrides = DIALOGUES[name]
     whole = run(steps, **overrides)
-    for cut in range(max(len(data) for _, data in steps) + 1):
+    for cut in single_cuts(steps):
         assert run(steps, (cut,), **overrides) == whole, cut
 
 
 def test_byte_at_a_time() -> None:
     for name, (steps, _, overrides) in DIALOGUES.items():
-        longest = max(len(data) for _, data in steps)
-        assert run(steps, tuple(range(longest)), **overrides) == run(steps, **overrides), name
+        assert run(steps, every_byte(steps), **overrides) == run(steps, **overrides), name
 
 
 def test_failures_are_reported_with_the_user_and_never_the_password() -> None:
@@ -412,10 +418,4 @@ def test_scan_finds_literals_only_outside_quotes() -> None:
 
 
 def test_the_transition_table_reaches_every_state() -> None:
-    reachable, frontier = {State.GREETING}, [State.GREETING]
-    while frontier:
-        for target in TRANSITIONS[frontier.pop()].values():
-            if target not in reachable:
-                reachable.add(target)
-                frontier.append(target)
-    assert reachable == set(State) - {State.CLOSED}
+    assert reachable_states(TRANSITIONS, State.GREETING) == set(State) - {State.CLOSED}

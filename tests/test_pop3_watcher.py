@@ -15,7 +15,14 @@ from relayproxy.protocols.common import (
     WatcherSettings,
 )
 from relayproxy.protocols.pop3 import TRANSITIONS, Pop3Watcher, State
-from tests.watcher_dialogues import Outcome, Step, play
+from tests.watcher_dialogues import (
+    Outcome,
+    Step,
+    every_byte,
+    play,
+    reachable_states,
+    single_cuts,
+)
 
 GREETING = b"+OK Dovecot ready. <1896.697170952@dbc.mtview.ca.us>\r\n"
 
@@ -194,15 +201,13 @@ def test_any_fragmentation_gives_the_same_bytes_and_decisions(name: str, cuts: l
 def test_every_single_cut_gives_the_same_outcome(name: str) -> None:
     steps, _, overrides = DIALOGUES[name]
     whole = run(steps, **overrides)
-    longest = max(len(data) for _, data in steps)
-    for cut in range(longest + 1):
+    for cut in single_cuts(steps):
         assert run(steps, (cut,), **overrides) == whole, cut
 
 
 def test_byte_at_a_time() -> None:
     for name, (steps, _, overrides) in DIALOGUES.items():
-        longest = max(len(data) for _, data in steps)
-        assert run(steps, tuple(range(longest)), **overrides) == run(steps, **overrides), name
+        assert run(steps, every_byte(steps), **overrides) == run(steps, **overrides), name
 
 
 def test_the_password_is_forwarded_but_never_kept() -> None:
@@ -326,11 +331,4 @@ def test_a_backend_that_closes_mid_login_records_nothing() -> None:
 
 
 def test_the_transition_table_reaches_every_state() -> None:
-    reachable = {State.GREETING}
-    frontier = [State.GREETING]
-    while frontier:
-        for target in TRANSITIONS[frontier.pop()].values():
-            if target not in reachable:
-                reachable.add(target)
-                frontier.append(target)
-    assert reachable == set(State) - {State.CLOSED}
+    assert reachable_states(TRANSITIONS, State.GREETING) == set(State) - {State.CLOSED}

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from relayproxy.protocols.common import (
     Action,
@@ -18,6 +19,8 @@ from relayproxy.protocols.common import (
     ToServer,
     Watcher,
 )
+
+E = TypeVar("E")
 
 # A step: ("C", bytes) from the client, ("S", bytes) from the server,
 # ("TLS", b"") the glue finished starting client TLS.
@@ -81,6 +84,27 @@ def apply(outcome: Outcome, actions: list[Action]) -> None:
             elif isinstance(action, Splice):
                 outcome.spliced = True
             outcome.events.append(action)
+
+
+def single_cuts(steps: Sequence[Step]) -> range:
+    """Every offset at which to cut each chunk of a dialogue, one at a time."""
+    return range(max(len(data) for _, data in steps) + 1)
+
+
+def every_byte(steps: Sequence[Step]) -> tuple[int, ...]:
+    """Cuts that deliver every chunk one byte at a time."""
+    return tuple(range(max(len(data) for _, data in steps)))
+
+
+def reachable_states(transitions: Mapping[E, Mapping[Any, E]], start: E) -> set[E]:
+    """The states a transition table can reach from ``start``."""
+    seen, frontier = {start}, [start]
+    while frontier:
+        for target in transitions[frontier.pop()].values():
+            if target not in seen:
+                seen.add(target)
+                frontier.append(target)
+    return seen
 
 
 def _pieces(data: bytes, cuts: Sequence[int]) -> list[bytes]:
