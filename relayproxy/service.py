@@ -103,7 +103,6 @@ class RelayProxyService(Service):
             min_interval=config.store.min_interval,
         )
         self._tls = tls
-        self.recorder_settings = config.store
         self.listening: dict[str, _Listening] = {}
         self.retired: list[ListenerRuntime] = []  # replaced runtimes with sessions left
 
@@ -169,8 +168,8 @@ class RelayProxyService(Service):
         """
         problems: list[str] = []
         old = self.listening
+        self._reconfigure_recorder(config)  # compares with self.config: before replacing it
         self.config, self._tls = config, tls
-        self._reconfigure_recorder(config)
         current: dict[str, _Listening] = {}
         for listener in config.listeners:
             runtime = self._runtime(listener, tls[listener.name])
@@ -206,14 +205,13 @@ class RelayProxyService(Service):
 
     def _reconfigure_recorder(self, config: Config) -> None:
         recorder = self.recorder
-        if config.store != self.recorder_settings:
+        if config.store != self.config.store:
             recorder.store = _store(config)  # the next batch goes to the new file
         recorder.reconfigure(
             ipv6_keys=config.store.ipv6_keys,
             exclude=config.record.exclude,
             min_interval=config.store.min_interval,
         )
-        self.recorder_settings = config.store
 
     # -- start and stop --
 

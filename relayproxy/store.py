@@ -173,13 +173,11 @@ def _apply_ops(state: dict[bytes, bytes], payload: bytes) -> None:
 @dataclass
 class _Replay:
     state: dict[bytes, bytes]
-    last_signature: Signature | None
     torn: bool  # bytes after the last whole frame (never acknowledged)
 
 
 def _replay(data: bytes) -> _Replay:
     state: dict[bytes, bytes] = {}
-    signature: Signature | None = None
     pos = 0
     while pos + _HEAD.size <= len(data):
         magic, kind, length, crc = _HEAD.unpack_from(data, pos)
@@ -191,10 +189,9 @@ def _replay(data: bytes) -> _Replay:
             state.clear()
         elif kind == b"B":
             _apply_ops(state, payload)
-        elif kind == b"C":
-            signature = _SIGNATURE.unpack(payload)
+        # "C" frames change no state: only the last one matters, read by _last_commit.
         pos = end
-    return _Replay(state, signature, torn=pos != len(data))
+    return _Replay(state, torn=pos != len(data))
 
 
 def _last_commit(fd: int) -> Signature | None:

@@ -123,8 +123,6 @@ class Watcher(Protocol):
 
     def client_tls_started(self) -> list[Action]: ...
 
-    def server_tls_started(self) -> list[Action]: ...
-
     def refusal(self, reason: str) -> bytes:
         """What to tell a client before closing it (limits, timeouts, backend down)."""
         ...
@@ -313,9 +311,6 @@ class LoginWatcher(Generic[Unit]):
         self._move(self.TLS_STARTED)
         self.tls_active = True
         return self._drain_client()
-
-    def server_tls_started(self) -> list[Action]:
-        return []
 
     def refusal(self, reason: str) -> bytes:
         raise NotImplementedError

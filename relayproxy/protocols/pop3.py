@@ -79,7 +79,6 @@ class Event(enum.Enum):
     CONTINUATION = "'+ ' continuation"
     CLIENT_RESPONSE = "client SASL response"
     LOGIN_OK = "+OK to a login command"
-    CLOSE = "close"
 
 
 TRANSITIONS: dict[State, dict[Event, State]] = {
