@@ -9,7 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relayproxy.protocols.common import (
+    Close,
     LoginFailed,
+    LoginRefused,
     LoginSucceeded,
     TLSMode,
     WatcherSettings,
@@ -220,12 +222,12 @@ def test_the_password_is_forwarded_but_never_kept() -> None:
 
 def test_lockstep_holds_pipelined_commands_until_the_response() -> None:
     w = watcher()
-    out = play(lambda: w, [("S", GREETING), ("C", b"USER alice\r\nPASS bad\r\nNOOP\r\n")])
+    out = play(lambda: w, [("S", GREETING), ("C", b"USER alice\r\nPASS bad\r\nCAPA\r\n")])
     assert out.to_server == b"USER alice\r\n"
     out2 = play(lambda: w, [("S", b"+OK\r\n")])
     assert out2.to_server == b"PASS bad\r\n"
     out3 = play(lambda: w, [("S", b"-ERR [AUTH] Authentication failed.\r\n")])
-    assert out3.to_server == b"NOOP\r\n"
+    assert out3.to_server == b"CAPA\r\n"
     assert out3.failures == [LoginFailed("alice", "USER")]
 
 
@@ -287,10 +289,12 @@ def test_require_tls_refuses_logins_and_hides_them_before_tls() -> None:
         **overrides,
     )
     assert capa.to_client.endswith(b"+OK\r\nTOP\r\nSTLS\r\n.\r\n")
-    for command in (b"USER alice\r\n", b"PASS x\r\n", b"APOP alice 0\r\n", b"AUTH PLAIN\r\n"):
+    apop = b"APOP alice " + b"0" * 32 + b"\r\n"
+    for command in (b"USER alice\r\n", b"PASS x\r\n", apop, b"AUTH PLAIN\r\n"):
         out = run([("S", GREETING), ("C", command)], **overrides)
         assert out.to_server == b""
         assert out.to_client.endswith(b"-ERR TLS required: use STLS first\r\n")
+        assert [e.reason for e in out.events if isinstance(e, LoginRefused)] == ["tls-required"]
 
 
 def test_backend_starttls_happens_before_the_greeting_reaches_the_client() -> None:
@@ -328,6 +332,99 @@ def test_too_much_held_data_is_refused() -> None:
 def test_a_backend_that_closes_mid_login_records_nothing() -> None:
     out = run([("S", GREETING), ("C", b"USER alice\r\n"), ("S", b"+OK\r\n"), ("C", b"PASS x\r\n")])
     assert out.logins == []  # the connection simply ends: no response, no record
+
+
+def test_strict_grammar_answers_locally_and_forwards_nothing() -> None:
+    refused = [
+        b"AUTH  \r\n",  # issue 9, reproduction 1: Dovecot listed its mechanisms with +OK
+        b"AUTH \r\r\n",
+        b"AUTH  PLAIN\r\n",
+        b"AUTH PLAIN  \r\n",
+        b"AUTH PL@IN\r\n",
+        b"AUTH PLAIN not*base64\r\n",
+        b"\rPASS pw\r\n",  # reproduction 3: Dovecot skipped the CR and logged in
+        b"PA\rSS pw\r\n",
+        b"\rAPOP alice c4c9334bac560ecc979e58001b3e22fb\r\n",
+        b"AUTH\r PLAIN AGFsaWNlAHB3\r\n",
+        b"USER alice\n",  # bare LF
+        b"USER alice\x00\r\n",
+        b"USER  alice\r\n",
+        b"USER al ice\r\n",
+        b"USER\r\n",
+        b"PASS\r\n",
+        b"PASS pw\tx\r\n",
+        b"APOP alice 1234\r\n",
+        b"CAPA now\r\n",
+        b"NOOP\r\n",  # not before login (RFC 1939)
+        b"XCLIENT ADDR=1.2.3.4\r\n",
+        b" USER alice\r\n",
+        b"\r\n",
+    ]
+    for command in refused:
+        out = run([("S", GREETING), ("C", command), ("C", b"CAPA\r\n")])
+        assert out.to_server == b"CAPA\r\n", command
+        assert out.to_client.startswith(GREETING + b"-ERR "), command
+        assert not out.logins
+
+
+def test_the_backend_sees_canonical_commands() -> None:
+    cases = {
+        b"user alice\r\n": b"USER alice\r\n",
+        b"pass  two  spaces \r\n": b"PASS  two  spaces \r\n",  # RFC 1939: all of it
+        b"auth plain\r\n": b"AUTH PLAIN\r\n",
+        b"auth plain =\r\n": b"AUTH PLAIN =\r\n",
+        b"capa\r\n": b"CAPA\r\n",
+    }
+    for command, wire in cases.items():
+        assert run([("S", GREETING), ("C", command)]).to_server == wire, command
+
+
+def test_bare_auth_lists_mechanisms_and_is_no_login() -> None:
+    out = run(
+        [
+            ("S", GREETING),
+            ("C", b"AUTH\r\n"),
+            ("S", b"+OK\r\nPLAIN\r\nLOGIN\r\n.\r\n"),
+            ("C", b"CAPA\r\n"),
+        ]
+    )
+    assert out.logins == []
+    assert out.to_server == b"AUTH\r\nCAPA\r\n"
+
+
+def test_a_sasl_response_that_is_not_base64_cancels_the_exchange() -> None:
+    out = run(
+        [
+            ("S", GREETING),
+            ("C", b"AUTH PLAIN\r\n"),
+            ("S", b"+ \r\n"),
+            ("C", b"PASS pw\r\n"),
+            ("S", b"-ERR Authentication aborted\r\n"),
+        ]
+    )
+    assert out.to_server == b"AUTH PLAIN\r\n*\r\n"
+    assert out.failures == []
+
+
+def test_a_client_that_leaves_mid_login_is_seen_to_the_answer() -> None:
+    w = watcher()
+    steps: list[Step] = [("S", GREETING), ("C", b"USER alice\r\nPASS alice-secret\r\n")]
+    play(lambda: w, steps)
+    assert w.client_closed() == []
+    out = play(lambda: w, [("S", b"+OK\r\n")])
+    assert out.to_server == b"PASS alice-secret\r\n"
+    out = play(lambda: w, [("S", b"+OK Logged in.\r\n")])
+    assert out.logins == [LoginSucceeded("alice", "USER")]
+    assert out.closed and not out.spliced
+
+
+def test_a_client_that_leaves_with_nothing_in_flight_closes_at_once() -> None:
+    for pending in (b"", b"USER ali", b"AUTH PLAIN\r\n"):
+        w = watcher()
+        play(lambda w=w: w, [("S", GREETING), ("C", pending)])  # type: ignore[misc]
+        if pending.startswith(b"AUTH"):
+            play(lambda w=w: w, [("S", b"+ \r\n")])  # type: ignore[misc]
+        assert any(isinstance(a, Close) for a in w.client_closed()), pending
 
 
 def test_the_transition_table_reaches_every_state() -> None:

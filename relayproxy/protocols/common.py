@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
@@ -58,6 +59,15 @@ class LoginFailed:
 
 
 @dataclass(frozen=True, slots=True)
+class LoginRefused:
+    """The proxy refused a login command itself (``reason``: e.g. ``tls-required``)."""
+
+    user: str | None
+    mechanism: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class Splice:
     """Parsing is over: relay raw bytes both ways from now on."""
 
@@ -76,6 +86,7 @@ Action = (
     | StartServerTLS
     | LoginSucceeded
     | LoginFailed
+    | LoginRefused
     | Splice
     | Close
 )
@@ -122,6 +133,17 @@ class Watcher(Protocol):
     def server_data(self, data: bytes) -> list[Action]: ...
 
     def client_tls_started(self) -> list[Action]: ...
+
+    def client_closed(self) -> list[Action]:
+        """The client has gone (closed or half-closed).
+
+        A login command already at the backend is seen to its answer: the
+        watcher keeps being fed ``server_data`` and returns ``LoginSucceeded``
+        or ``LoginFailed``, then ``Close``. It returns ``Close`` (now or
+        later) once nothing is in flight, and never ``Splice`` after this.
+        ``ToClient`` actions after this call are to be dropped by the glue.
+        """
+        ...
 
     def refusal(self, reason: str) -> bytes:
         """What to tell a client before closing it (limits, timeouts, backend down)."""
@@ -192,6 +214,49 @@ def strip_eol(line: bytes) -> bytes:
     return line
 
 
+# Bytes no command line may hold before login: C0 controls (bare CR and LF
+# among them) and DEL. A backend that skips or splits on them would read a
+# line the proxy read another way (issue 9: "\rPASS" logged in on Dovecot).
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+# RFC 4422 3.1: 1*20 (UPPER-ALPHA / DIGIT / "-" / "_"); folded to upper case.
+_SASL_MECHANISM = re.compile(rb"[A-Za-z0-9_-]{1,20}")
+_BASE64 = re.compile(rb"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
+
+
+class CommandSyntaxError(Exception):
+    """A client command the proxy does not forward; the text is safe to show the client."""
+
+
+def command_text(line: bytes) -> bytes | None:
+    """The text of a client line that ends in CRLF and holds no control byte, else None."""
+    if not line.endswith(b"\r\n"):
+        return None
+    text = line[:-2]
+    return None if _CONTROL.search(text) else text
+
+
+def has_control_bytes(value: bytes) -> bool:
+    return _CONTROL.search(value) is not None
+
+
+def sasl_mechanism(name: bytes) -> bytes:
+    """The canonical (upper-case) form of an RFC 4422 mechanism name."""
+    if not _SASL_MECHANISM.fullmatch(name):
+        raise CommandSyntaxError("Invalid SASL mechanism name")
+    return name.upper()
+
+
+def is_base64(text: bytes) -> bool:
+    return _BASE64.fullmatch(text) is not None
+
+
+def sasl_initial_response(text: bytes) -> bytes:
+    """RFC 4959 / 5034: base64, or "=" for an empty response."""
+    if text != b"=" and not (text and is_base64(text)):
+        raise CommandSyntaxError("Invalid SASL initial response")
+    return text
+
+
 def _b64(text: bytes) -> bytes | None:
     try:
         return base64.b64decode(text, validate=True)
@@ -258,6 +323,11 @@ class LoginWatcher(Generic[Unit]):
     provides how it reads the client (``_drain_client``), what a server
     unit is (``_read_server``: a line, or a response with its literals) and
     what that unit means (``_on_server``).
+
+    When the client goes away, what it sent before is still played out (as
+    the backend would have, had the client talked to it directly), and a
+    login at the backend is seen to its answer; the session closes as soon
+    as the watcher would next wait for the client.
     """
 
     TRANSITIONS: ClassVar[Mapping[Any, Mapping[Any, Any]]]
@@ -266,6 +336,7 @@ class LoginWatcher(Generic[Unit]):
     SPLICED: ClassVar[enum.Enum]
     CLOSED: ClassVar[enum.Enum]
     TLS_STARTED: ClassVar[enum.Enum]  # the event that ends CLIENT_TLS
+    AWAITING_CLIENT: ClassVar[frozenset[Any]]  # states only the client can move on from
 
     def __init__(self, settings: WatcherSettings) -> None:
         self.settings = settings
@@ -273,16 +344,17 @@ class LoginWatcher(Generic[Unit]):
         self.tls_active = settings.client_tls is TLSMode.IMPLICIT
         self._client = LineBuffer(settings.max_line_length)
         self._server = LineBuffer(settings.max_server_line_length)
+        self._client_gone = False
 
     # -- the glue's entry points --
 
     def client_data(self, data: bytes) -> list[Action]:
         if self.state is self.SPLICED:
             return [ToServer(data)]
-        if self.state in (self.CLIENT_TLS, self.CLOSED):
+        if self.state in (self.CLIENT_TLS, self.CLOSED) or self._client_gone:
             return []  # after STLS/STARTTLS: discarded, never carried into TLS
         self._client.feed(data)
-        return self._drain_client()
+        return self._drain()
 
     def server_data(self, data: bytes) -> list[Action]:
         if self.state is self.SPLICED:
@@ -305,12 +377,20 @@ class LoginWatcher(Generic[Unit]):
             if held := self._client.take_all():
                 actions.append(ToServer(held))  # pipelined after the login: post-login now
             return actions
-        return actions + self._drain_client()
+        if self.state is self.CLOSED:
+            return actions
+        return actions + self._drain()
 
     def client_tls_started(self) -> list[Action]:
         self._move(self.TLS_STARTED)
         self.tls_active = True
-        return self._drain_client()
+        return self._drain()
+
+    def client_closed(self) -> list[Action]:
+        self._client_gone = True
+        if self.state in (self.SPLICED, self.CLOSED):
+            return []
+        return self._drain()
 
     def refusal(self, reason: str) -> bytes:
         raise NotImplementedError
@@ -325,6 +405,18 @@ class LoginWatcher(Generic[Unit]):
 
     def _on_server(self, unit: Unit) -> list[Action]:
         raise NotImplementedError
+
+    def _drain(self) -> list[Action]:
+        actions = self._drain_client()
+        if self._client_gone and self.state in self.AWAITING_CLIENT:
+            actions += self._close("client left")
+        return actions
+
+    def _logged_in(self, user: str | None, mechanism: str) -> list[Action]:
+        """After the move to SPLICED: record, then relay (or close, the client being gone)."""
+        if self._client_gone:
+            return [LoginSucceeded(user, mechanism), *self._close("client left during its login")]
+        return [LoginSucceeded(user, mechanism), Splice()]
 
     def _move(self, event: enum.Enum) -> None:
         try:

@@ -6,32 +6,36 @@ Like the POP3 watcher, ``ImapWatcher`` is fed both directions' bytes until
 the client has logged in, and returns actions for the glue. One client
 command is in flight at a time (lockstep); later client bytes are held.
 
-A command may span several *fragments*: a line ending in a literal marker
-``{n}`` (synchronising: the client waits for the server's ``+``) or
-``{n+}`` (RFC 7888: the bytes follow at once), then ``n`` bytes of literal,
-then the rest of the command. Quoted strings (with ``\\"`` and ``\\\\``
-escapes) are scanned so a ``{n}`` inside quotes is not taken for a
-literal. The server's responses can carry literals too, and are read the
-same way, so the watcher never loses its place in either stream.
+No parser differential: the backend sees only commands the proxy wrote.
+The proxy reads each client command whole (``imap_syntax``): its lines and
+its literals, answering a synchronising literal's ``+`` itself. A command
+that does not parse, or is not allowed before login, is answered ``BAD`` by
+the proxy and never forwarded. One that parses is written anew with a tag
+of the proxy's own (``rpx1``, ``rpx2``, ... unique in the session) and its
+strings quoted; the backend's tagged answer is given back under the
+client's tag. So a literal the backend might read as commands, a tag it
+refuses, or a client line that looks like a server response never reach it
+in a form it could read another way.
 
-A login succeeds only on the tagged ``OK`` whose tag is, byte for byte, the
-tag of the in-flight ``LOGIN`` or ``AUTHENTICATE`` (RFC 9051 6.2.2, 6.2.3),
-after the whole command was sent. Untagged responses, continuations, a
-``NO``/``BAD``, an ``OK`` with another tag (by case or one character), and
-anything the client sends never count. A ``* PREAUTH`` greeting means the
-backend logged the client in by itself: recorded only with
-``record_preauth``.
+A login succeeds only on the tagged ``OK`` that answers the proxy's own
+``LOGIN`` or ``AUTHENTICATE`` (RFC 9051 6.2.2, 6.2.3). Untagged responses,
+continuations, a ``NO``/``BAD`` and anything the client sends never count;
+a tagged response to a tag the proxy never sent closes the session. A ``*
+PREAUTH`` greeting means the backend logged the client in by itself:
+recorded only with ``record_preauth``.
 
 The proxy answers ``STARTTLS`` itself when its listener offers TLS and drops
-whatever the client pipelined behind it (CVE-2011-0411). Capability lists,
-wherever they appear before login (the greeting's ``[CAPABILITY ...]``,
-``* CAPABILITY``, a tagged ``OK [CAPABILITY ...]``), are rewritten:
-STARTTLS only when the proxy offers it; with ``require_tls`` and no TLS yet,
-``LOGINDISABLED`` added and ``AUTH=`` mechanisms removed (RFC 9051 7.2.2).
+whatever the client pipelined behind it (CVE-2011-0411), and ``ID`` (RFC
+2971) itself, so that no client-supplied field such as ``x-originating-ip``
+reaches a backend that trusts the proxy. Capability lists, wherever they
+appear before login (the greeting's ``[CAPABILITY ...]``, ``* CAPABILITY``,
+a tagged ``OK [CAPABILITY ...]``), are rewritten: STARTTLS only when the
+proxy offers it; with ``require_tls`` and no TLS yet, ``LOGINDISABLED``
+added and ``AUTH=`` mechanisms removed (RFC 9051 7.2.2).
 
 Internal commands (the proxy's own ``STARTTLS`` to the backend, the ``ID``
-that forwards the client's address) use tags starting ``rpx`` and their
-responses are not shown to the client.
+that forwards the client's address) use the same tags and their responses
+are not shown to the client.
 
 Everything that decides a state change lives in this file; the states and
 their transitions are the table ``TRANSITIONS``.
@@ -41,15 +45,16 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from relayproxy.protocols.common import (
     Action,
     ClientOrigin,
     Close,
+    CommandSyntaxError,
     LineTooLongError,
     LoginFailed,
-    LoginSucceeded,
+    LoginRefused,
     LoginWatcher,
     SaslUserFinder,
     Splice,
@@ -59,8 +64,23 @@ from relayproxy.protocols.common import (
     ToClient,
     ToServer,
     WatcherSettings,
+    command_text,
+    is_base64,
     printable_name,
     strip_eol,
+)
+from relayproxy.protocols.imap_syntax import (
+    LOGIN_VERBS,
+    PRE_LOGIN_VERBS,
+    WITHOUT_ARGUMENTS,
+    ImapCommand,
+    LiteralMarker,
+    String,
+    Token,
+    head,
+    parse_command,
+    read_fragment,
+    tag_of,
 )
 
 
@@ -68,12 +88,10 @@ class State(enum.Enum):
     GREETING = "greeting"  # waiting for the backend's greeting
     READY = "ready"  # nothing in flight: the next client line starts a command
     CLIENT_LITERAL = "client-literal"  # the client owes n bytes of literal
-    CLIENT_REST = "client-rest"  # the client owes the rest of the command line
-    LITERAL_GO_AHEAD = "literal-go-ahead"  # waiting for the server's "+" for {n}
-    RESPONSE = "response"  # the command is complete: waiting for its tagged response
+    CLIENT_REST = "client-rest"  # the client owes the rest of the command
+    RESPONSE = "response"  # the proxy's command is at the backend: waiting for its tag
     SASL_SERVER = "sasl-server"  # AUTHENTICATE: waiting for a server line
     SASL_CLIENT = "sasl-client"  # AUTHENTICATE: the client owes a response line
-    SWALLOW = "swallow"  # a refused command's remaining bytes are discarded
     CLIENT_TLS = "client-tls"  # STARTTLS answered: the glue is starting TLS
     SPLICED = "spliced"  # logged in: no more parsing
     CLOSED = "closed"
@@ -82,15 +100,12 @@ class State(enum.Enum):
 class Event(enum.Enum):
     GREETING = "greeting"
     INTERNAL_COMMAND = "the proxy's own command"
-    COMMAND = "complete command line"
+    COMMAND = "command sent to the backend"
     LITERAL = "fragment ending in a literal"
-    SYNC_LITERAL = "fragment ending in {n}"
-    GO_AHEAD = "server '+' for a literal"
     LITERAL_READ = "literal bytes read"
-    AUTHENTICATE = "AUTHENTICATE"
+    AUTHENTICATE = "AUTHENTICATE sent to the backend"
     CONTINUATION = "'+' continuation"
     CLIENT_RESPONSE = "client SASL response"
-    REFUSE = "refused command with literals to skip"
     LOCAL_ANSWER = "answered by the proxy"
     STARTTLS = "STARTTLS answered by the proxy"
     TLS_STARTED = "client TLS started"
@@ -106,95 +121,62 @@ TRANSITIONS: dict[State, dict[Event, State]] = {
     },
     State.READY: {
         Event.COMMAND: State.RESPONSE,
-        Event.LITERAL: State.CLIENT_LITERAL,
-        Event.SYNC_LITERAL: State.LITERAL_GO_AHEAD,
         Event.AUTHENTICATE: State.SASL_SERVER,
-        Event.REFUSE: State.SWALLOW,
+        Event.LITERAL: State.CLIENT_LITERAL,
         Event.LOCAL_ANSWER: State.READY,
         Event.STARTTLS: State.CLIENT_TLS,
         Event.INTERNAL_COMMAND: State.RESPONSE,
     },
+    State.CLIENT_LITERAL: {Event.LITERAL_READ: State.CLIENT_REST},
     State.CLIENT_REST: {
         Event.COMMAND: State.RESPONSE,
         Event.LITERAL: State.CLIENT_LITERAL,
-        Event.SYNC_LITERAL: State.LITERAL_GO_AHEAD,
+        Event.LOCAL_ANSWER: State.READY,
     },
-    State.LITERAL_GO_AHEAD: {Event.GO_AHEAD: State.CLIENT_LITERAL, Event.DONE: State.READY},
-    State.CLIENT_LITERAL: {Event.LITERAL_READ: State.CLIENT_REST},
-    State.SWALLOW: {Event.LITERAL_READ: State.SWALLOW, Event.LOCAL_ANSWER: State.READY},
     State.RESPONSE: {Event.DONE: State.READY, Event.LOGIN_OK: State.SPLICED},
     State.SASL_SERVER: {
         Event.CONTINUATION: State.SASL_CLIENT,
         Event.DONE: State.READY,
         Event.LOGIN_OK: State.SPLICED,
     },
-    State.SASL_CLIENT: {Event.CLIENT_RESPONSE: State.SASL_SERVER},
+    # A tagged answer instead of the next challenge: the backend ended the exchange.
+    State.SASL_CLIENT: {Event.CLIENT_RESPONSE: State.SASL_SERVER, Event.DONE: State.READY},
     State.CLIENT_TLS: {Event.TLS_STARTED: State.READY},
     State.SPLICED: {},
     State.CLOSED: {},
 }
 
-# ASTRING-CHAR without "+" (RFC 9051 9): what a tag may be made of.
-_TAG = re.compile(rb"[\x21\x23\x24\x26\x27\x2c-\x5b\x5d-\x7a\x7c-\x7e]+")
-_VERB = re.compile(rb"[A-Za-z][A-Za-z0-9-]*")
-_LITERAL = re.compile(rb"\{([0-9]{1,10})(\+?)\}$")
+_READING_CLIENT = (State.READY, State.CLIENT_LITERAL, State.CLIENT_REST, State.SASL_CLIENT)
 _CAPABILITY_CODE = re.compile(rb"\[CAPABILITY ([^\]]*)\]", re.IGNORECASE)
 _CAPABILITY_CODE_AND_SPACE = re.compile(rb"\[CAPABILITY [^\]]*\] ?", re.IGNORECASE)
-_INTERNAL_STARTTLS = b"rpx0"
-_INTERNAL_ID = b"rpx1"
-
-
-@dataclass(frozen=True, slots=True)
-class Fragment:
-    """One line of a command or response, as far as its literal marker."""
-
-    tokens: list[bytes]  # atoms and (unquoted) strings, in order
-    literal: int | None  # size of the literal that follows, if any
-    synchronising: bool
-
-
-def scan(text: bytes) -> Fragment:
-    """Tokens of ``text`` (no line end) and the literal marker ending it, if any."""
-    tokens: list[bytes] = []
-    i, end = 0, len(text)
-    while i < end:
-        char = text[i : i + 1]
-        if char == b" ":
-            i += 1
-        elif char == b'"':
-            value = bytearray()
-            i += 1
-            while i < end and text[i : i + 1] != b'"':
-                if text[i : i + 1] == b"\\" and i + 1 < end:
-                    i += 1
-                value += text[i : i + 1]
-                i += 1
-            if i >= end:
-                return Fragment(tokens, None, False)  # unterminated: no literal follows
-            tokens.append(bytes(value))
-            i += 1
-        elif char == b"{" and (marker := _LITERAL.match(text, i)):
-            return Fragment(tokens, int(marker.group(1)), not marker.group(2))
-        else:
-            start = i
-            while i < end and text[i : i + 1] not in (b" ", b'"'):
-                i += 1
-            tokens.append(text[start:i])
-    return Fragment(tokens, None, False)
+# A line that ends like a non-synchronising literal marker: if it could not
+# be read, where the command ends cannot be known.
+_TRAILING_NONSYNC = re.compile(rb"\{[0-9]+\+\}$")
 
 
 @dataclass
-class _Command:
+class _Reading:
+    """A client command being read, fragment by fragment."""
+
     tag: bytes
     verb: bytes
-    internal: bool = False
+    arguments: list[Token]
+    size: int  # bytes read so far, literals included
+    literal: LiteralMarker | None = None
+    refusal: list[Action] = field(default_factory=list)  # decided before its end
+
+
+@dataclass
+class _InFlight:
+    """A command the proxy wrote to the backend, under ``tag``."""
+
+    tag: bytes
+    client_tag: bytes = b""
+    internal: bytes = b""  # the verb of the proxy's own command (STARTTLS, ID)
     mechanism: str | None = None  # set for LOGIN and AUTHENTICATE
     user: str | None = None
     sasl: SaslUserFinder | None = None
     cancelled: bool = False
-    arguments: int = 0  # arguments seen so far (the first of LOGIN is the user)
-    literal: int | None = None  # bytes of literal the client still owes
-    refusal: bytes = b""  # the tagged answer to give once a refused command is read
 
 
 class ImapWatcher(LoginWatcher[tuple[bytes, bytes]]):
@@ -207,10 +189,15 @@ class ImapWatcher(LoginWatcher[tuple[bytes, bytes]]):
     SPLICED = State.SPLICED
     CLOSED = State.CLOSED
     TLS_STARTED = Event.TLS_STARTED
+    AWAITING_CLIENT = frozenset(
+        {State.READY, State.CLIENT_LITERAL, State.CLIENT_REST, State.SASL_CLIENT, State.CLIENT_TLS}
+    )
 
     def __init__(self, settings: WatcherSettings, forward_id: ClientOrigin | None = None) -> None:
         super().__init__(settings)
-        self._command: _Command | None = None
+        self._reading: _Reading | None = None
+        self._inflight: _InFlight | None = None
+        self._tags = 0
         self._forward_id = forward_id
         self._greeting = b""
         self._server_literal = 0  # bytes of a server literal still to pass
@@ -220,151 +207,179 @@ class ImapWatcher(LoginWatcher[tuple[bytes, bytes]]):
     def refusal(self, reason: str) -> bytes:
         return b"* BYE " + reason.encode("ascii", "replace") + b"\r\n"
 
-    # -- client side --
+    # -- client side: reading a command whole --
 
     def _drain_client(self) -> list[Action]:
         actions: list[Action] = []
-        while True:
-            state = self.state
-            due = self._literal_due()
-            if state in (State.CLIENT_LITERAL, State.SWALLOW) and due is not None:
-                chunk = self._client.take(due)
+        while self.state in (
+            State.READY,
+            State.CLIENT_LITERAL,
+            State.CLIENT_REST,
+            State.SASL_CLIENT,
+        ):
+            if self.state is State.CLIENT_LITERAL:
+                assert self._reading is not None and self._reading.literal is not None
+                chunk = self._client.take(self._reading.literal.size)
                 if chunk is None:
                     break
                 actions += self._literal_read(chunk)
                 continue
-            if state not in (State.READY, State.CLIENT_REST, State.SASL_CLIENT, State.SWALLOW):
-                break
             try:
                 line = self._client.next_line()
             except LineTooLongError:
                 return [*actions, *self._close("client line too long", "line too long")]
             if line is None:
                 break
-            if state is State.READY:
+            if self.state is State.READY:
                 actions += self._command_start(line)
-            elif state is State.SASL_CLIENT:
-                actions += self._sasl_response(line)
+            elif self.state is State.CLIENT_REST:
+                actions += self._command_more(line)
             else:
-                actions += self._command_fragment(line)
+                actions += self._sasl_response(line)
         if len(self._client) > self.settings.max_held_bytes:
             return [*actions, *self._close("client sent too much before login", "too much data")]
         return actions
 
-    def _literal_due(self) -> int | None:
-        return self._command.literal if self._command is not None else None
-
     def _command_start(self, line: bytes) -> list[Action]:
-        text = strip_eol(line)
-        tag, _, rest = text.partition(b" ")
-        verb_word, _, arguments = rest.partition(b" ")
-        if not _TAG.fullmatch(tag) or not _VERB.fullmatch(verb_word):
-            # Never forwarded: an untagged line gets no tagged answer, so
-            # lockstep would wait for one forever.
-            self._move(Event.LOCAL_ANSWER)
-            return [ToClient(b"* BAD Missing or invalid tag or command\r\n")]
-        verb = verb_word.upper()
-        command = _Command(tag, verb)
-        self._command = command
-        if verb == b"STARTTLS":
-            if not self._offers_tls():
-                self._command = None
-                self._move(Event.LOCAL_ANSWER)
-                return [ToClient(tag + b" BAD STARTTLS is not available here\r\n")]
-            self._client.take_all()
-            self._command = None
-            self._move(Event.STARTTLS)
-            return [ToClient(tag + b" OK Begin TLS negotiation now\r\n"), StartClientTLS()]
-        if verb in (b"LOGIN", b"AUTHENTICATE") and self._tls_required_now():
-            command.refusal = tag + b" NO [PRIVACYREQUIRED] Use STARTTLS first\r\n"
-            return self._refuse(text)
-        if verb == b"AUTHENTICATE":
-            return self._authenticate(command, line, arguments)
-        if verb == b"LOGIN":
-            command.mechanism = "LOGIN"
-        return self._command_fragment(line, arguments)
+        text = command_text(line)
+        try:
+            if text is None:
+                raise CommandSyntaxError("Invalid characters or line end")
+            tokens, marker = read_fragment(text, continuing=False)
+        except CommandSyntaxError as exc:
+            return self._unreadable(tag_of(text or line), text or line, exc)
+        start = head(tokens)
+        if start is None:
+            reading = _Reading(b"*", b"", [], len(line), marker)
+            reading.refusal = [ToClient(b"* BAD Missing or invalid tag or command\r\n")]
+        else:
+            tag, verb = start
+            reading = _Reading(tag, verb, tokens[2:], len(line), marker)
+            reading.refusal = self._refusal_by_verb(tag, verb, marker)
+        self._reading = reading
+        return self._next_fragment(reading)
 
-    def _refuse(self, text: bytes) -> list[Action]:
-        """Answer a refused command, after skipping the literals the client will send."""
-        assert self._command is not None
-        fragment = scan(text)
-        if fragment.literal is None or fragment.synchronising:
-            answer = self._command.refusal  # a {n} literal is never sent without "+"
-            self._command = None
-            self._move(Event.LOCAL_ANSWER)
-            return [ToClient(answer)]
-        self._command.literal = fragment.literal
-        self._move(Event.REFUSE)
+    def _refusal_by_verb(
+        self, tag: bytes, verb: bytes, marker: LiteralMarker | None
+    ) -> list[Action]:
+        """A refusal known from the verb alone, before the command's end."""
+        if verb not in PRE_LOGIN_VERBS or (verb in WITHOUT_ARGUMENTS and marker is not None):
+            return [ToClient(tag + b" BAD Unknown command or not allowed before login\r\n")]
+        if verb in LOGIN_VERBS and self._tls_required_now():
+            answer = ToClient(tag + b" NO [PRIVACYREQUIRED] Use STARTTLS first\r\n")
+            return [answer, LoginRefused(None, verb.decode(), "tls-required")]
         return []
 
-    def _authenticate(self, command: _Command, line: bytes, arguments: bytes) -> list[Action]:
-        mechanism, _, initial = arguments.partition(b" ")
-        command.mechanism = mechanism.decode("ascii", "replace").upper()
-        command.sasl = SaslUserFinder(command.mechanism)
-        if initial and initial != b"=":
-            command.sasl.response(initial)  # SASL-IR (RFC 4959)
-        self._move(Event.AUTHENTICATE)
-        return [ToServer(line)]
+    def _command_more(self, line: bytes) -> list[Action]:
+        reading = self._reading
+        assert reading is not None
+        text = command_text(line)
+        try:
+            if text is None:
+                raise CommandSyntaxError("Invalid characters or line end")
+            tokens, reading.literal = read_fragment(text, continuing=True)
+        except CommandSyntaxError as exc:
+            return self._unreadable(reading.tag, text or line, exc)
+        reading.arguments += tokens
+        reading.size += len(line)
+        return self._next_fragment(reading)
 
-    def _command_fragment(self, line: bytes, arguments: bytes | None = None) -> list[Action]:
-        """A line of the command in flight; ``arguments``: its text after tag and verb."""
-        command = self._command
-        assert command is not None
-        fragment = scan(strip_eol(line) if arguments is None else arguments)
-        if self.state is State.SWALLOW:
-            if fragment.literal is None:
-                answer, self._command = command.refusal, None
-                self._move(Event.LOCAL_ANSWER)
-                return [ToClient(answer)]
-            if fragment.literal > self.settings.max_literal_length:
-                return self._close("client literal too large", "literal too large")
-            command.literal = fragment.literal
-            return []
-        self._note_arguments(command, fragment.tokens)
-        if fragment.literal is None:
-            self._move(Event.COMMAND)
-            return [ToServer(line)]
-        if fragment.literal > self.settings.max_literal_length:
-            return self._literal_too_large(command, fragment)
-        command.literal = fragment.literal
-        self._move(Event.SYNC_LITERAL if fragment.synchronising else Event.LITERAL)
-        return [ToServer(line)]
+    def _unreadable(self, tag: bytes, text: bytes, error: CommandSyntaxError) -> list[Action]:
+        self._reading = None
+        answer = ToClient(tag + b" BAD " + str(error).encode() + b"\r\n")
+        if _TRAILING_NONSYNC.search(strip_eol(text)):
+            # Its literal's bytes follow at once, and where they end is unknown.
+            return [answer, *self._close("client command unreadable")]
+        self._move(Event.LOCAL_ANSWER)
+        return [answer]
 
-    def _literal_too_large(self, command: _Command, fragment: Fragment) -> list[Action]:
-        answer = command.tag + b" BAD Literal too large before login\r\n"
-        if fragment.synchronising and self.state is State.READY:
-            self._command = None
+    def _next_fragment(self, reading: _Reading) -> list[Action]:
+        marker = reading.literal
+        if marker is None:
+            self._reading = None
+            return self._command_read(reading)
+        too_large = marker.size > self.settings.max_literal_length or (
+            reading.size + marker.size > self.settings.max_literal_length * 2
+        )
+        if marker.synchronising and (reading.refusal or too_large):
+            # The client sends nothing more without our "+": answer now.
+            self._reading = None
             self._move(Event.LOCAL_ANSWER)
-            return [ToClient(answer)]
-        # The client sends the bytes without waiting, or part of the command
-        # already went to the backend: no clean way back in this session.
-        return [ToClient(answer), *self._close("client literal too large", "literal too large")]
-
-    def _note_arguments(self, command: _Command, tokens: list[bytes]) -> None:
-        if command.verb == b"LOGIN" and command.arguments == 0 and tokens:
-            command.user = printable_name(tokens[0])
-        command.arguments += len(tokens)
+            if reading.refusal:
+                return reading.refusal
+            return [ToClient(reading.tag + b" BAD Literal too large before login\r\n")]
+        if too_large:
+            answer = ToClient(reading.tag + b" BAD Literal too large before login\r\n")
+            return [answer, *self._close("client literal too large", "literal too large")]
+        self._move(Event.LITERAL)
+        return [ToClient(b"+ Ready for literal data\r\n")] if marker.synchronising else []
 
     def _literal_read(self, chunk: bytes) -> list[Action]:
-        command = self._command
-        assert command is not None
-        command.literal = None
-        if self.state is State.SWALLOW:
-            self._move(Event.LITERAL_READ)
-            return []
-        self._note_arguments(command, [chunk])
+        reading = self._reading
+        assert reading is not None and reading.literal is not None
+        reading.size += reading.literal.size
+        reading.literal = None
+        reading.arguments.append(String(chunk))
         self._move(Event.LITERAL_READ)
-        return [ToServer(chunk)]
+        return []
+
+    # -- client side: what a whole command does --
+
+    def _command_read(self, reading: _Reading) -> list[Action]:
+        if reading.refusal:
+            self._move(Event.LOCAL_ANSWER)
+            return reading.refusal
+        try:
+            command = parse_command(reading.tag, reading.verb, reading.arguments)
+        except CommandSyntaxError as exc:
+            self._move(Event.LOCAL_ANSWER)
+            return [ToClient(reading.tag + b" BAD " + str(exc).encode() + b"\r\n")]
+        if command.verb == b"STARTTLS":
+            return self._starttls(command.tag)
+        if command.verb == b"ID":
+            self._move(Event.LOCAL_ANSWER)
+            return [ToClient(b"* ID NIL\r\n" + command.tag + b" OK ID completed\r\n")]
+        return self._send(command)
+
+    def _starttls(self, tag: bytes) -> list[Action]:
+        if not self._offers_tls():
+            self._move(Event.LOCAL_ANSWER)
+            return [ToClient(tag + b" BAD STARTTLS is not available here\r\n")]
+        self._client.take_all()
+        self._move(Event.STARTTLS)
+        return [ToClient(tag + b" OK Begin TLS negotiation now\r\n"), StartClientTLS()]
+
+    def _send(self, command: ImapCommand) -> list[Action]:
+        inflight = _InFlight(self._next_tag(), command.tag)
+        if command.verb == b"LOGIN":
+            inflight.mechanism, inflight.user = "LOGIN", printable_name(command.strings[0])
+        elif command.verb == b"AUTHENTICATE":
+            inflight.mechanism = command.atoms[0].decode()
+            inflight.sasl = SaslUserFinder(inflight.mechanism)
+            if len(command.atoms) > 1 and command.atoms[1] != b"=":
+                inflight.sasl.response(command.atoms[1])  # SASL-IR (RFC 4959)
+        self._inflight = inflight
+        self._move(Event.AUTHENTICATE if inflight.sasl is not None else Event.COMMAND)
+        return [ToServer(command.wire(inflight.tag))]
+
+    def _next_tag(self) -> bytes:
+        self._tags += 1
+        return b"rpx%d" % self._tags
 
     def _sasl_response(self, line: bytes) -> list[Action]:
-        command = self._command
-        assert command is not None and command.sasl is not None
-        if strip_eol(line) == b"*":
-            command.cancelled = True
+        inflight = self._inflight
+        assert inflight is not None and inflight.sasl is not None
+        text = command_text(line)
+        if text is not None and text != b"*" and is_base64(text):
+            inflight.sasl.response(text)
+            answer = text + b"\r\n"
         else:
-            command.sasl.response(strip_eol(line))
+            # "*" cancels (RFC 9051 6.2.2); so does anything that is not
+            # base64, which the backend never sees.
+            inflight.cancelled = True
+            answer = b"*\r\n"
         self._move(Event.CLIENT_RESPONSE)
-        return [ToServer(line)]
+        return [ToServer(answer)]
 
     # -- server side --
 
@@ -383,11 +398,11 @@ class ImapWatcher(LoginWatcher[tuple[bytes, bytes]]):
             if not self._server_response:
                 self._server_first = line
             self._server_response += line
-            fragment = scan(strip_eol(line))
-            if fragment.literal is not None:
-                if fragment.literal > self.settings.max_server_line_length:
+            size = _server_literal(strip_eol(line))
+            if size is not None:
+                if size > self.settings.max_server_line_length:
                     raise LineTooLongError
-                self._server_literal = fragment.literal
+                self._server_literal = size
                 continue
             whole = bytes(self._server_response)
             self._server_response.clear()
@@ -398,73 +413,65 @@ class ImapWatcher(LoginWatcher[tuple[bytes, bytes]]):
         if self.state is State.GREETING:
             return self._greeting_read(first, whole)
         text = strip_eol(first)
-        command = self._command
+        inflight = self._inflight
         if text.startswith(b"+"):
-            return self._continuation(whole)
+            if self.state is State.SASL_SERVER:
+                self._move(Event.CONTINUATION)
+            return [ToClient(whole)]
         if text.startswith(b"* "):
-            if command is not None and command.internal:
+            if inflight is not None and inflight.internal:
                 return []  # the answer to our own ID: not the client's business
             return [ToClient(self._rewrite_capabilities(whole))]
         tag, _, rest = text.partition(b" ")
         status = rest.split(b" ", 1)[0].upper()
-        if command is None or tag != command.tag or status not in (b"OK", b"NO", b"BAD"):
-            return [ToClient(whole)]  # not an answer to what is in flight
-        if self.state is State.LITERAL_GO_AHEAD and status != b"OK":
-            # The backend refused the literal: the command ends here, unsent.
-            self._command = None
-            self._move(Event.DONE)
-            failed = [LoginFailed(command.user, command.mechanism)] if command.mechanism else []
-            return [ToClient(whole), *failed]
-        if self.state not in (State.RESPONSE, State.SASL_SERVER):
-            # The backend finished a command the client has not finished sending.
-            return [ToClient(whole), *self._close("backend answered an incomplete command")]
-        if command.internal:
-            return self._internal_done(command, status)
-        if command.sasl is not None:
-            command.user = command.sasl.user
-        if status == b"OK" and command.mechanism is not None:
+        if inflight is None or tag != inflight.tag or status not in (b"OK", b"NO", b"BAD"):
+            return self._close("backend answered a command the proxy did not send", "backend error")
+        self._inflight = None
+        if inflight.internal:
+            return self._internal_done(inflight, status)
+        if inflight.sasl is not None:
+            inflight.user = inflight.sasl.user
+        answer = inflight.client_tag + whole[len(inflight.tag) :]
+        if status == b"OK" and inflight.mechanism is not None:
             self._move(Event.LOGIN_OK)
-            return [ToClient(whole), LoginSucceeded(command.user, command.mechanism), Splice()]
-        self._command = None
+            return [ToClient(answer), *self._logged_in(inflight.user, inflight.mechanism)]
         self._move(Event.DONE)
-        actions: list[Action] = [ToClient(self._rewrite_capabilities(whole))]
-        if command.mechanism is not None and not command.cancelled:
-            actions.append(LoginFailed(command.user, command.mechanism))
+        actions: list[Action] = [ToClient(self._rewrite_capabilities(answer))]
+        if inflight.mechanism is not None and not inflight.cancelled:
+            actions.append(LoginFailed(inflight.user, inflight.mechanism))
         return actions
-
-    def _continuation(self, whole: bytes) -> list[Action]:
-        if self.state is State.LITERAL_GO_AHEAD:
-            self._move(Event.GO_AHEAD)
-            return [ToClient(whole)]
-        if self.state is State.SASL_SERVER:
-            self._move(Event.CONTINUATION)
-            return [ToClient(whole)]
-        return [ToClient(whole)]  # unexpected: pass it on, decide nothing
 
     def _greeting_read(self, first: bytes, whole: bytes) -> list[Action]:
         text = strip_eol(first)
         kind = text[:10].upper()
         if kind.startswith(b"* PREAUTH"):
             self._move(Event.LOGIN_OK)
-            actions: list[Action] = [ToClient(whole)]
             if self.settings.record_preauth:
-                actions.append(LoginSucceeded(None, "PREAUTH"))
-            return [*actions, Splice()]
+                return [ToClient(whole), *self._logged_in(None, "PREAUTH")]
+            return [ToClient(whole), *self._after_preauth()]
         if not kind.startswith(b"* OK"):
             return [ToClient(whole), Close("backend refused the connection")]
         if self.settings.backend_tls is TLSMode.STARTTLS:
             # Capabilities change with TLS: the client asks again rather than
             # trusting a list the backend gave before it.
             self._greeting = _CAPABILITY_CODE_AND_SPACE.sub(b"", whole)
-            self._command = _Command(_INTERNAL_STARTTLS, b"STARTTLS", internal=True)
-            self._move(Event.INTERNAL_COMMAND)
-            return [ToServer(_INTERNAL_STARTTLS + b" STARTTLS\r\n")]
+            return self._internal(b"STARTTLS")
         self._move(Event.GREETING)
         return [ToClient(self._rewrite_capabilities(whole)), *self._send_id()]
 
-    def _internal_done(self, command: _Command, status: bytes) -> list[Action]:
-        self._command = None
-        if command.tag == _INTERNAL_STARTTLS:
+    def _after_preauth(self) -> list[Action]:
+        if self._client_gone:
+            return self._close("client left")
+        return [Splice()]
+
+    def _internal(self, command: bytes) -> list[Action]:
+        inflight = _InFlight(self._next_tag(), internal=command.split(b" ", 1)[0])
+        self._inflight = inflight
+        self._move(Event.INTERNAL_COMMAND)
+        return [ToServer(inflight.tag + b" " + command + b"\r\n")]
+
+    def _internal_done(self, inflight: _InFlight, status: bytes) -> list[Action]:
+        if inflight.internal == b"STARTTLS":
             if status != b"OK":
                 return self._close("backend refused STARTTLS", "backend unavailable")
             self._move(Event.DONE)  # the greeting is released, as if just received
@@ -477,13 +484,11 @@ class ImapWatcher(LoginWatcher[tuple[bytes, bytes]]):
         origin = self._forward_id
         if origin is None:
             return []
-        self._command = _Command(_INTERNAL_ID, b"ID", internal=True)
-        self._move(Event.INTERNAL_COMMAND)
         fields = (
             f'"x-originating-ip" "{origin.client_ip}" "x-originating-port" "{origin.client_port}" '
             f'"x-connected-ip" "{origin.local_ip}" "x-connected-port" "{origin.local_port}"'
         )
-        return [ToServer(_INTERNAL_ID + b" ID (" + fields.encode("ascii") + b")\r\n")]
+        return self._internal(b"ID (" + fields.encode("ascii") + b")")
 
     # -- capabilities --
 
@@ -511,3 +516,28 @@ class ImapWatcher(LoginWatcher[tuple[bytes, bytes]]):
         if hide_logins and b"LOGINDISABLED" not in (name.upper() for name in shown):
             shown.append(b"LOGINDISABLED")
         return b" ".join(shown)
+
+
+_SERVER_LITERAL = re.compile(rb"\{([0-9]{1,10})\}$")
+
+
+def _server_literal(text: bytes) -> int | None:
+    """The size of the literal a server line announces at its end, if any.
+
+    A server quotes strings it could not send as atoms, so a ``{n}`` inside
+    quotes is skipped by counting the quotes (with their escapes) before it.
+    """
+    marker = _SERVER_LITERAL.search(text)
+    if marker is None:
+        return None
+    inside = False
+    i = 0
+    while i < marker.start():
+        char = text[i : i + 1]
+        if char == b"\\" and inside:
+            i += 2
+            continue
+        if char == b'"':
+            inside = not inside
+        i += 1
+    return None if inside else int(marker.group(1))

@@ -13,6 +13,15 @@ watcher reads is always the answer to the command it remembers, and a
 pipelined ``PASS bad`` + ``NOOP`` cannot have the ``+OK`` meant for the NOOP
 taken as a login (RFC 1939 has no tags to tell them apart).
 
+No parser differential: before login the backend sees only commands the
+proxy wrote. Each client line is parsed strictly (``parse_command``: CRLF
+only, no control byte, one space between fields, a whitelist of the
+commands RFC 1939, 2449, 2595 and 5034 allow before login, RFC 4422
+mechanism names, base64 SASL responses); what does not parse is answered
+``-ERR`` by the proxy and never forwarded, what parses is re-written in
+canonical form. So ``AUTH  `` (two spaces), ``\rPASS`` or ``PA\rSS`` never
+reach a backend that could read them another way.
+
 A login succeeds only on ``+OK`` answering ``PASS``, ``APOP`` or the final
 line of ``AUTH`` (RFC 5034: ``+ `` lines are continuations, ``*`` from the
 client cancels). Then the watcher emits ``LoginSucceeded`` and ``Splice``
@@ -31,24 +40,29 @@ their transitions are the table ``TRANSITIONS``.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 
 from relayproxy.protocols.common import (
     Action,
     Close,
+    CommandSyntaxError,
     LineTooLongError,
     LoginFailed,
-    LoginSucceeded,
+    LoginRefused,
     LoginWatcher,
     SaslUserFinder,
-    Splice,
     StartClientTLS,
     StartServerTLS,
     TLSMode,
     ToClient,
     ToServer,
     WatcherSettings,
+    command_text,
+    is_base64,
     printable_name,
+    sasl_initial_response,
+    sasl_mechanism,
     strip_eol,
 )
 
@@ -104,16 +118,60 @@ TRANSITIONS: dict[State, dict[Event, State]] = {
         Event.STATUS: State.READY,
         Event.LOGIN_OK: State.SPLICED,
     },
-    State.SASL_CLIENT: {Event.CLIENT_RESPONSE: State.SASL_SERVER},
+    # A status line instead of the next challenge: the backend ended the exchange.
+    State.SASL_CLIENT: {Event.CLIENT_RESPONSE: State.SASL_SERVER, Event.STATUS: State.READY},
     State.SPLICED: {},
     State.CLOSED: {},
 }
 
-# Commands whose +OK opens a multi-line response (RFC 1939, 2449, 5034);
-# the second set only when given no argument.
-_MULTILINE_ALWAYS = frozenset({b"CAPA", b"RETR", b"TOP"})
-_MULTILINE_WITHOUT_ARGUMENT = frozenset({b"LIST", b"UIDL", b"AUTH"})
-_AUTH_COMMANDS = frozenset({b"USER", b"PASS", b"APOP", b"AUTH"})
+_LOGIN_COMMANDS = frozenset({b"USER", b"PASS", b"APOP", b"AUTH"})
+_WITHOUT_ARGUMENT = frozenset({b"CAPA", b"QUIT", b"STLS"})
+_APOP_DIGEST = re.compile(rb"[0-9a-fA-F]{32}")
+_NAME = re.compile(rb"[^ ]+")
+
+
+@dataclass(frozen=True, slots=True)
+class Pop3Command:
+    """A client command as the proxy understood it; ``wire`` is all the backend sees."""
+
+    verb: bytes
+    arguments: tuple[bytes, ...] = ()
+
+    @property
+    def wire(self) -> bytes:
+        return b" ".join((self.verb, *self.arguments)) + b"\r\n"
+
+
+def parse_command(line: bytes) -> Pop3Command:
+    """Read one pre-login command line strictly; raises CommandSyntaxError."""
+    text = command_text(line)
+    if text is None:
+        raise CommandSyntaxError("Invalid characters or line end")
+    verb_word, space, rest = text.partition(b" ")
+    verb = verb_word.upper()
+    if verb in _WITHOUT_ARGUMENT:
+        if space:
+            raise CommandSyntaxError(f"{verb.decode()} takes no argument")
+        return Pop3Command(verb)
+    if verb == b"USER" and _NAME.fullmatch(rest):
+        return Pop3Command(verb, (rest,))
+    if verb == b"PASS" and rest:
+        return Pop3Command(verb, (rest,))  # RFC 1939 7: a password may hold spaces
+    if verb == b"APOP":
+        name, _, digest = rest.partition(b" ")
+        if _NAME.fullmatch(name) and _APOP_DIGEST.fullmatch(digest):
+            return Pop3Command(verb, (name, digest))
+    elif verb == b"AUTH":
+        if not space:
+            return Pop3Command(verb)  # lists the mechanisms (multi-line)
+        mechanism, space, initial = rest.partition(b" ")
+        if not space:
+            return Pop3Command(verb, (sasl_mechanism(mechanism),))
+        return Pop3Command(verb, (sasl_mechanism(mechanism), sasl_initial_response(initial)))
+    elif verb not in _LOGIN_COMMANDS:
+        raise CommandSyntaxError("Unknown command or not allowed before login")
+    raise CommandSyntaxError(f"Invalid arguments to {verb.decode()}")
+
 
 OK, ERR, CONTINUE, OTHER = "ok", "err", "continue", "other"
 
@@ -150,6 +208,7 @@ class Pop3Watcher(LoginWatcher[bytes]):
     SPLICED = State.SPLICED
     CLOSED = State.CLOSED
     TLS_STARTED = Event.TLS_STARTED
+    AWAITING_CLIENT = frozenset({State.READY, State.SASL_CLIENT, State.CLIENT_TLS})
 
     def __init__(self, settings: WatcherSettings) -> None:
         super().__init__(settings)
@@ -180,52 +239,50 @@ class Pop3Watcher(LoginWatcher[bytes]):
         return actions
 
     def _command(self, line: bytes) -> list[Action]:
-        verb, _, argument = strip_eol(line).partition(b" ")
-        verb = verb.upper()
+        try:
+            command = parse_command(line)
+        except CommandSyntaxError as exc:
+            return [ToClient(b"-ERR " + str(exc).encode() + b"\r\n")]
+        verb, arguments = command.verb, command.arguments
         if verb == b"STLS":
             if not self._offers_tls():
                 return [ToClient(b"-ERR STLS not available\r\n")]
             self._client.take_all()
             self._move(Event.STLS)
             return [ToClient(b"+OK Begin TLS negotiation\r\n"), StartClientTLS()]
-        if verb in _AUTH_COMMANDS and self._tls_required_now():
-            return [ToClient(b"-ERR TLS required: use STLS first\r\n")]
-        if verb == b"AUTH" and argument:
-            mechanism, _, initial = argument.partition(b" ")
-            name = mechanism.decode("ascii", "replace").upper()
-            finder = SaslUserFinder(name)
-            if initial and initial != b"=":
-                finder.response(initial)
-            self._inflight = _InFlight(verb, mechanism=name, sasl=finder)
-            self._move(Event.AUTH)
-            return [ToServer(line)]
-        inflight = _InFlight(
-            verb,
-            multiline=verb in _MULTILINE_ALWAYS
-            or (verb in _MULTILINE_WITHOUT_ARGUMENT and not argument),
-        )
+        inflight = _InFlight(verb, multiline=verb == b"CAPA" or command == Pop3Command(b"AUTH"))
         if verb == b"USER":
-            inflight.user = printable_name(argument)
+            inflight.user = printable_name(arguments[0])
         elif verb == b"PASS":
             inflight.mechanism, inflight.user = "USER", self._user
         elif verb == b"APOP":
-            inflight.mechanism = "APOP"
-            inflight.user = (
-                printable_name(argument.rsplit(b" ", 1)[0]) if b" " in argument else None
-            )
+            inflight.mechanism, inflight.user = "APOP", printable_name(arguments[0])
+        elif verb == b"AUTH" and arguments:
+            inflight.mechanism = arguments[0].decode()
+            inflight.sasl = SaslUserFinder(inflight.mechanism)
+            if len(arguments) > 1 and arguments[1] != b"=":
+                inflight.sasl.response(arguments[1])
+        if verb in _LOGIN_COMMANDS and self._tls_required_now():
+            refused = LoginRefused(inflight.user, inflight.mechanism or "USER", "tls-required")
+            return [ToClient(b"-ERR TLS required: use STLS first\r\n"), refused]
         self._inflight = inflight
-        self._move(Event.COMMAND)
-        return [ToServer(line)]
+        self._move(Event.AUTH if inflight.sasl is not None else Event.COMMAND)
+        return [ToServer(command.wire)]
 
     def _sasl_response(self, line: bytes) -> list[Action]:
         inflight = self._inflight
         assert inflight is not None and inflight.sasl is not None
-        if strip_eol(line) == b"*":
-            inflight.cancelled = True
+        text = command_text(line)
+        if text is not None and text != b"*" and is_base64(text):
+            inflight.sasl.response(text)
+            answer = text + b"\r\n"
         else:
-            inflight.sasl.response(strip_eol(line))
+            # "*" cancels (RFC 5034 4); so does anything that is not base64,
+            # which the backend never sees.
+            inflight.cancelled = True
+            answer = b"*\r\n"
         self._move(Event.CLIENT_RESPONSE)
-        return [ToServer(line)]
+        return [ToServer(answer)]
 
     # -- server side --
 
@@ -255,7 +312,7 @@ class Pop3Watcher(LoginWatcher[bytes]):
             inflight.user = inflight.sasl.user
         if status == OK and inflight.mechanism is not None:
             self._move(Event.LOGIN_OK)
-            return [ToClient(line), LoginSucceeded(inflight.user, inflight.mechanism), Splice()]
+            return [ToClient(line), *self._logged_in(inflight.user, inflight.mechanism)]
         if status == OK and inflight.multiline:
             self._move(Event.STATUS_MULTILINE)
             if inflight.verb == b"CAPA":
