@@ -14,7 +14,9 @@ from relayproxy.protocols.common import (
     LoginFailed,
     LoginRefused,
     LoginSucceeded,
+    Splice,
     TLSMode,
+    ToClient,
     WatcherSettings,
 )
 from relayproxy.protocols.imap import TRANSITIONS, ImapWatcher, State
@@ -553,3 +555,11 @@ def test_server_literals_are_read_whole() -> None:
 
 def test_the_transition_table_reaches_every_state() -> None:
     assert reachable_states(TRANSITIONS, State.GREETING) == set(State) - {State.CLOSED}
+
+
+def test_the_login_is_announced_before_the_client_hears_of_it() -> None:
+    w = ImapWatcher(WatcherSettings())
+    play(lambda: w, [("S", GREETING), ("C", b"a LOGIN alice alice-secret\r\n")])
+    actions = w.server_data(b"rpx1 OK Logged in\r\n")
+    # The glue makes the record durable on LoginSucceeded, before it writes the answer.
+    assert actions == [LoginSucceeded("alice", "LOGIN"), ToClient(b"a OK Logged in\r\n"), Splice()]

@@ -13,7 +13,9 @@ from relayproxy.protocols.common import (
     LoginFailed,
     LoginRefused,
     LoginSucceeded,
+    Splice,
     TLSMode,
+    ToClient,
     WatcherSettings,
 )
 from relayproxy.protocols.pop3 import TRANSITIONS, Pop3Watcher, State
@@ -429,3 +431,16 @@ def test_a_client_that_leaves_with_nothing_in_flight_closes_at_once() -> None:
 
 def test_the_transition_table_reaches_every_state() -> None:
     assert reachable_states(TRANSITIONS, State.GREETING) == set(State) - {State.CLOSED}
+
+
+def test_the_login_is_announced_before_the_client_hears_of_it() -> None:
+    w = watcher()
+    play(lambda: w, [("S", GREETING), ("C", b"USER alice\r\n"), ("S", b"+OK\r\n")])
+    play(lambda: w, [("C", b"PASS alice-secret\r\n")])
+    actions = w.server_data(b"+OK Logged in.\r\n")
+    # The glue makes the record durable on LoginSucceeded, before it writes the answer.
+    assert actions == [
+        LoginSucceeded("alice", "USER"),
+        ToClient(b"+OK Logged in.\r\n"),
+        Splice(),
+    ]

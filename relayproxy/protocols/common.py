@@ -412,11 +412,15 @@ class LoginWatcher(Generic[Unit]):
             actions += self._close("client left")
         return actions
 
-    def _logged_in(self, user: str | None, mechanism: str) -> list[Action]:
-        """After the move to SPLICED: record, then relay (or close, the client being gone)."""
+    def _logged_in(self, user: str | None, mechanism: str, answer: bytes) -> list[Action]:
+        """After the move to SPLICED: record, pass the backend's answer on, then relay.
+
+        ``LoginSucceeded`` comes before the answer: the glue makes the record
+        durable before the client can read that its login worked.
+        """
         if self._client_gone:
             return [LoginSucceeded(user, mechanism), *self._close("client left during its login")]
-        return [LoginSucceeded(user, mechanism), Splice()]
+        return [LoginSucceeded(user, mechanism), ToClient(answer), Splice()]
 
     def _move(self, event: enum.Enum) -> None:
         try:

@@ -434,7 +434,7 @@ class ImapWatcher(LoginWatcher[tuple[bytes, bytes]]):
         answer = inflight.client_tag + whole[len(inflight.tag) :]
         if status == b"OK" and inflight.mechanism is not None:
             self._move(Event.LOGIN_OK)
-            return [ToClient(answer), *self._logged_in(inflight.user, inflight.mechanism)]
+            return self._logged_in(inflight.user, inflight.mechanism, answer)
         self._move(Event.DONE)
         actions: list[Action] = [ToClient(self._rewrite_capabilities(answer))]
         if inflight.mechanism is not None and not inflight.cancelled:
@@ -447,7 +447,7 @@ class ImapWatcher(LoginWatcher[tuple[bytes, bytes]]):
         if kind.startswith(b"* PREAUTH"):
             self._move(Event.LOGIN_OK)
             if self.settings.record_preauth:
-                return [ToClient(whole), *self._logged_in(None, "PREAUTH")]
+                return self._logged_in(None, "PREAUTH", whole)
             return [ToClient(whole), *self._after_preauth()]
         if not kind.startswith(b"* OK"):
             return [ToClient(whole), Close("backend refused the connection")]

@@ -312,7 +312,7 @@ class Pop3Watcher(LoginWatcher[bytes]):
             inflight.user = inflight.sasl.user
         if status == OK and inflight.mechanism is not None:
             self._move(Event.LOGIN_OK)
-            return [ToClient(line), *self._logged_in(inflight.user, inflight.mechanism)]
+            return self._logged_in(inflight.user, inflight.mechanism, line)
         if status == OK and inflight.multiline:
             self._move(Event.STATUS_MULTILINE)
             if inflight.verb == b"CAPA":
