@@ -52,6 +52,8 @@ class StoreConfig:
     ipv6_keys: IPv6KeyStyle = IPv6KeyStyle.SENDMAIL
     min_interval: int = 60
     lock_timeout: float = 10.0
+    # The window a power failure can lose; 0 syncs every login (on the reactor).
+    sync_interval: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,12 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _seconds_or_zero(text: str) -> float:
+    if text.strip() in ("0", "0.0"):
+        return 0.0
+    return _seconds(text)
+
+
 def _mode(text: str) -> int:
     if not re.fullmatch(r"0?[0-7]{3}", text):
         raise ValueError(f"{text!r} is not an octal mode such as 0644")
@@ -237,6 +245,7 @@ _STORE_KEYS: Parsers = {
     "ipv6_keys": _ipv6_keys,
     "min_interval": _integer(0, 86400 * 365),
     "lock_timeout": _seconds,
+    "sync_interval": _seconds_or_zero,
 }
 _RECORD_KEYS: Parsers = {"exclude": _networks}
 _LOG_KEYS: Parsers = {

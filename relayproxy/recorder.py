@@ -16,6 +16,12 @@ disk or on a lock another process holds.
   a growing delay, so a store that comes back gets every login that
   happened while it was away.
 * ``drain()`` writes what is pending before the process exits.
+* Durability: with a spool (``relayproxy.spool``), ``login`` appends the
+  login to it before returning, so before the glue forwards the backend's
+  success line; a batch empties the spool files it covered once it is in
+  the store, and ``open_spool`` queues what a killed daemon left there.
+  A group ``fdatasync`` of the spool runs every ``sync_interval`` seconds
+  (0: after every login, on the reactor thread).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relayproxy.addresses import IPAddress, IPv6KeyStyle, relayer_keys
+from relayproxy.spool import Spool, SpoolError
 from relayproxy.store import RelayStore
 
 T = TypeVar("T")
@@ -62,8 +69,18 @@ class Recorder:
         min_interval: float = 60.0,
         batch_interval: float = 1.0,
         max_retry_delay: float = 30.0,
+        spool: Spool | None = None,
+        sync_interval: float = 1.0,
+        run_sync_in_thread: RunInThread[Any] | None = None,
     ) -> None:
         self.store = store
+        self.spool = spool
+        self._sync_interval = sync_interval
+        self._run_sync = run_sync_in_thread or run_in_thread
+        self._sync_timer: IDelayedCall | None = None
+        self._unsynced = False
+        self._spool_failing = False
+        self._retired_spools: list[Spool] = []
         self._reactor = reactor
         self._run_in_thread = run_in_thread
         self._ipv6_keys = ipv6_keys
@@ -97,8 +114,65 @@ class Recorder:
             return RECENT
         for key in keys:
             self._pending[key] = int(now)
+            self._spool_append(key, int(now))
         self._schedule()
         return QUEUED
+
+    def open_spool(self) -> int:
+        """Take the spool and queue what a previous run left in it; returns how many."""
+        if self.spool is None:
+            return 0
+        leftovers = self.spool.open()
+        for key, seconds in leftovers.items():
+            self._pending[key] = max(seconds, self._pending.get(key, 0))
+        self._schedule()
+        return len(leftovers)
+
+    def switch_store(self, store: RelayStore, spool: Spool | None) -> None:
+        """Send logins from now on to another file (a reload that moved ``[store] path``).
+
+        The old spool's logins are all pending or in flight: it is emptied and
+        closed after the next batch that lands.
+        """
+        self.store = store
+        if self.spool is not None and self.spool.is_open:
+            self._retired_spools.append(self.spool)
+        self.spool = spool
+
+    def _spool_append(self, key: str, seconds: int) -> None:
+        if self.spool is None or not self.spool.is_open:
+            return
+        try:
+            self.spool.append(key, seconds)
+            if self._sync_interval <= 0:
+                self.spool.sync()
+        except SpoolError as exc:
+            if not self._spool_failing:
+                self.log.error(
+                    "spool.error error={error} (logins stay queued in memory only)",
+                    error=str(exc),
+                )
+            self._spool_failing = True
+            return
+        if self._spool_failing:
+            self.log.info("spool.recovered path={path}", path=self.spool.paths[0])
+        self._spool_failing = False
+        self._unsynced = True
+        if self._sync_interval > 0 and self._sync_timer is None:
+            self._sync_timer = self._reactor.callLater(self._sync_interval, self._sync)
+
+    def _sync(self) -> None:
+        self._sync_timer = None
+        spool = self.spool
+        if spool is None or not self._unsynced or not spool.is_open:
+            return
+        self._unsynced = False
+        synced = self._run_sync(spool.sync)
+        synced.addErrback(
+            lambda failure: self.log.error(
+                "spool.error error={error}", error=failure.getErrorMessage()
+            )
+        )
 
     def reconfigure(
         self, *, ipv6_keys: IPv6KeyStyle, exclude: Sequence[Network], min_interval: float
@@ -139,25 +213,46 @@ class Recorder:
     def _write(self) -> Deferred[None]:
         self._timer = None
         batch, self._pending = self._pending, {}
+        spool, retired = self.spool, self._retired_spools
+        files = spool.rotate() if spool is not None and spool.is_open else ()
         self._last_start = self._reactor.seconds()
         started = time.monotonic()
         self.log.debug("store.batch.start entries={entries}", entries=len(batch))
-        in_flight: Deferred[None] = self._run_in_thread(lambda: self._record(batch))
+        store = self.store
+
+        def record() -> None:
+            store.record(batch.items(), keep_newer=True)
+            if spool is not None and files:
+                spool.release(files)
+            for old in retired:
+                old.release((0, 1))
+
+        in_flight: Deferred[None] = self._run_in_thread(record)
         # Before the callbacks: they clear it, and may run at once.
         self._in_flight = in_flight
         in_flight.addCallbacks(
             self._written_ok,
             self._write_failed,
-            callbackArgs=(batch, started),
+            callbackArgs=(batch, started, spool, files, retired),
             errbackArgs=(batch,),
         )
         return in_flight
 
-    def _record(self, batch: dict[str, int]) -> None:
-        self.store.record(batch.items())
-
-    def _written_ok(self, _: None, batch: dict[str, int], started: float) -> None:
+    def _written_ok(
+        self,
+        _: None,
+        batch: dict[str, int],
+        started: float,
+        spool: Spool | None,
+        files: tuple[int, ...],
+        retired: list[Spool],
+    ) -> None:
         self._in_flight = None
+        if spool is not None:
+            spool.released(files)
+        for old in retired:
+            old.close()
+            self._retired_spools.remove(old)
         now = self._reactor.seconds()
         for key in batch:
             self._written[key] = now

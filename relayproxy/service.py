@@ -25,6 +25,7 @@ from relayproxy.protocols.imap import ImapWatcher
 from relayproxy.protocols.pop3 import Pop3Watcher
 from relayproxy.proxy import ListenerRuntime, ProxyFactory
 from relayproxy.recorder import Recorder
+from relayproxy.spool import Spool, SpoolError
 from relayproxy.store import RelayStore, StoreMissingError
 from relayproxy.tls import ListenerTLS, TLSConfigError, load_listener_tls
 
@@ -101,6 +102,12 @@ class RelayProxyService(Service):
             ipv6_keys=config.store.ipv6_keys,
             exclude=config.record.exclude,
             min_interval=config.store.min_interval,
+            spool=Spool(config.store.path),
+            sync_interval=config.store.sync_interval,
+            # Not the store's thread: a sync must not wait behind a batch stuck on a lock.
+            run_sync_in_thread=lambda function: deferToThreadPool(
+                reactor, reactor.getThreadPool(), function
+            ),
         )
         self._tls = tls
         self.listening: dict[str, _Listening] = {}
@@ -205,8 +212,12 @@ class RelayProxyService(Service):
 
     def _reconfigure_recorder(self, config: Config) -> None:
         recorder = self.recorder
-        if config.store != self.config.store:
-            recorder.store = _store(config)  # the next batch goes to the new file
+        if config.store.path != self.config.store.path:
+            # The next batch goes to the new file, and so do the old spool's logins.
+            recorder.switch_store(_store(config), Spool(config.store.path))
+            self._spool_opened(recorder)
+        elif config.store != self.config.store:
+            recorder.store = _store(config)
         recorder.reconfigure(
             ipv6_keys=config.store.ipv6_keys,
             exclude=config.record.exclude,
@@ -218,6 +229,26 @@ class RelayProxyService(Service):
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
         self.pool.start()
+
+    def open_spool(self) -> None:
+        """Take the spool and queue what a killed predecessor left in it (before listening)."""
+        self._spool_opened(self.recorder)
+
+    def _spool_opened(self, recorder: Recorder) -> None:
+        try:
+            leftovers = recorder.open_spool()
+        except SpoolError as exc:
+            log.error(
+                "spool.error error={error} (logins are not durable before they are stored)",
+                error=str(exc),
+            )
+            return
+        if leftovers:
+            log.warn(
+                "spool.replay path={path} entries={entries} (not yet stored when it stopped)",
+                path=recorder.store.path,
+                entries=leftovers,
+            )
 
     def open_store(self) -> Deferred[None]:
         """Check (and repair) the store once, off the reactor: fires when done."""

@@ -28,7 +28,7 @@ written by *earlier* batches). So each writer keeps a logical journal beside
 the file, ``relayers.db.journal``, a sequence of CRC-checked frames:
 
     Z            the state is empty (starts a snapshot)
-    B ops        a batch: put key value / delete key / expire cutoff
+    B ops        a batch: put key value / put if newer / delete key / expire cutoff
     C signature  the .db file was synced and equals the state replayed so far;
                  signature = (dev, ino, size, mtime_ns, ctime_ns) of the file
 
@@ -126,8 +126,13 @@ def _frame(kind: bytes, payload: bytes) -> bytes:
     return _HEAD.pack(_MAGIC, kind, len(payload), zlib.crc32(payload)) + payload
 
 
-def _encode_put(key: bytes, value: bytes) -> bytes:
-    return b"P" + _KEYLEN.pack(len(key)) + key + _KEYLEN.pack(len(value)) + value
+def _encode_put(key: bytes, value: bytes, op: bytes = b"P") -> bytes:
+    return op + _KEYLEN.pack(len(key)) + key + _KEYLEN.pack(len(value)) + value
+
+
+def _is_newer(old: bytes | None, value: bytes) -> bool:
+    """Whether ``value`` may replace ``old`` under keep-newer (op "N")."""
+    return old is None or not old.isdigit() or int(old) < int(value)
 
 
 def _encode_delete(key: bytes) -> bytes:
@@ -162,12 +167,14 @@ def _apply_ops(state: dict[bytes, bytes], payload: bytes) -> None:
         if op == b"D":
             state.pop(key, None)
             continue
-        if op != b"P":
+        if op not in (b"P", b"N"):
             raise ValueError(f"unknown journal operation {op!r}")
         (vlen,) = _KEYLEN.unpack_from(view, pos)
         pos += _KEYLEN.size
-        state[key] = bytes(view[pos : pos + vlen])
+        value = bytes(view[pos : pos + vlen])
         pos += vlen
+        if op == b"P" or _is_newer(state.get(key), value):
+            state[key] = value
 
 
 @dataclass
@@ -246,17 +253,23 @@ class RelayStore:
 
     # -- public writes --
 
-    def record(self, items: Iterable[tuple[str, int]]) -> int:
-        """Write ``key -> seconds`` pairs in one locked batch; returns how many."""
+    def record(self, items: Iterable[tuple[str, int]], *, keep_newer: bool = False) -> int:
+        """Write ``key -> seconds`` pairs in one locked batch; returns how many.
+
+        ``keep_newer``: an entry already holding a later time keeps it (a login
+        replayed from the spool, or one older than a pin set by hand).
+        """
         pairs = [(key.encode("ascii"), b"%d" % seconds) for key, seconds in items]
         if not pairs:
             return 0
 
         def apply(database: Any) -> None:
             for key, value in pairs:
-                database.put(key, value)
+                if not keep_newer or _is_newer(database.get(key), value):
+                    database.put(key, value)
 
-        self._write(b"".join(_encode_put(k, v) for k, v in pairs), apply, create=True)
+        op = b"N" if keep_newer else b"P"
+        self._write(b"".join(_encode_put(k, v, op) for k, v in pairs), apply, create=True)
         return len(pairs)
 
     def delete(self, keys: Iterable[str]) -> set[str]:

@@ -101,6 +101,7 @@ def run(config: Config, tls: dict[str, ListenerTLS], path: str) -> int:
         signal.SIGHUP,
         lambda signum, frame: reactor.callFromThread(_reload, service, path),  # type: ignore[attr-defined]
     )
+    service.open_spool()  # as the daemon's user: the files are its own
     service.startService()
     # Ready once every listener is bound (above) and the store was opened.
     service.open_store().addCallback(lambda _: systemd.ready())

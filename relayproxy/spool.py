@@ -1,0 +1,160 @@
+"""The spool: every login the client is told succeeded, on disk before it is told.
+
+Owns two append-only files beside relayers.db, ``relayers.db.spool-a`` and
+``relayers.db.spool-b``. Never imports Twisted.
+
+Theory of operation
+-------------------
+The reactor appends one line per recorded login (``key seconds crc32``) to
+the *current* file with a single ``write(2)`` before the backend's success
+line is forwarded: the page cache outlives the process, so no kill of the
+daemon loses it. A group ``fdatasync`` (``sync``) narrows what a power
+failure can lose to ``[store] sync_interval``.
+
+The worker thread applies logins to relayers.db in batches. When a batch
+is taken (on the reactor), ``rotate`` makes the *other* file current if it
+is empty; the files the batch covers and that are no longer current hold
+nothing but that batch's logins, so once the batch is in the store the
+worker empties them (``release``). Nothing else ever truncates a file, and
+the reactor never appends to a file being emptied: no lock is needed
+between the two threads, and no login falls between "applied" and
+"emptied".
+
+A daemon holds ``flock(LOCK_EX)`` on ``spool-a`` while it runs. Whoever
+takes the spool next (a restarted daemon, or ``vsmtprelay`` when no daemon
+runs) reads what is left (``leftovers``) and applies it; replaying a login
+twice is harmless (the store keeps the newer time).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import zlib
+from typing import Final
+
+SPOOL_SUFFIXES: Final = (".spool-a", ".spool-b")
+_MODE: Final = 0o640
+
+
+class SpoolError(Exception):
+    """The spool cannot be used; the message names the file and the cause."""
+
+
+class SpoolBusyError(SpoolError):
+    """Another running daemon holds the spool."""
+
+
+def spool_line(key: str, seconds: int) -> bytes:
+    body = b"%s %d" % (key.encode("ascii"), seconds)
+    return body + b" %08x\n" % zlib.crc32(body)
+
+
+def parse_spool(data: bytes) -> dict[str, int]:
+    """The logins in a spool file, newest time per key; a torn or damaged line is skipped."""
+    logins: dict[str, int] = {}
+    for line in data.split(b"\n"):
+        body, _, crc = line.rpartition(b" ")
+        key, _, seconds = body.partition(b" ")
+        if not key or not seconds.isdigit() or crc != b"%08x" % zlib.crc32(body):
+            continue
+        name = key.decode("ascii", "replace")
+        logins[name] = max(int(seconds), logins.get(name, 0))
+    return logins
+
+
+class Spool:
+    """The two spool files of one relayers.db; see the module docstring."""
+
+    def __init__(self, db_path: str) -> None:
+        self.paths = tuple(db_path + suffix for suffix in SPOOL_SUFFIXES)
+        self._fds: list[int] = []
+        self._sizes = [0, 0]
+        self._current = 0
+
+    def open(self) -> dict[str, int]:
+        """Take the spool; return the logins a previous run left unapplied."""
+        fds: list[int] = []
+        try:
+            for path in self.paths:
+                fds.append(
+                    os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, _MODE)
+                )
+            fcntl.flock(fds[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _close_all(fds)
+            raise SpoolBusyError(f"{self.paths[0]}: in use by another relayproxy") from None
+        except OSError as exc:
+            _close_all(fds)
+            raise SpoolError(f"{self.paths[len(fds) % 2]}: {exc.strerror}") from None
+        self._fds = fds
+        leftovers: dict[str, int] = {}
+        for index, fd in enumerate(fds):
+            data = _read_all(fd)
+            self._sizes[index] = len(data)
+            for key, seconds in parse_spool(data).items():
+                leftovers[key] = max(seconds, leftovers.get(key, 0))
+        return leftovers
+
+    @property
+    def is_open(self) -> bool:
+        return bool(self._fds)
+
+    def append(self, key: str, seconds: int) -> None:
+        """One ``write(2)`` of one login to the current file (reactor thread)."""
+        line = spool_line(key, seconds)
+        try:
+            written = os.write(self._fds[self._current], line)
+        except OSError as exc:
+            raise SpoolError(f"{self.paths[self._current]}: {exc.strerror}") from None
+        self._sizes[self._current] += written
+        if written != len(line):
+            # A short write (the disk filled up): the torn line is skipped on replay.
+            raise SpoolError(f"{self.paths[self._current]}: No space left on device")
+
+    def rotate(self) -> tuple[int, ...]:
+        """A batch is taken (reactor thread): the files to empty once it is stored."""
+        covered = [index for index, size in enumerate(self._sizes) if size]
+        other = 1 - self._current
+        if not self._sizes[other]:
+            self._current = other
+        return tuple(index for index in covered if index != self._current)
+
+    def release(self, files: tuple[int, ...]) -> None:
+        """Empty files whose logins are all in the store (worker thread)."""
+        for index in files:
+            try:
+                os.ftruncate(self._fds[index], 0)
+            except OSError as exc:
+                raise SpoolError(f"{self.paths[index]}: {exc.strerror}") from None
+
+    def released(self, files: tuple[int, ...]) -> None:
+        """``release`` succeeded (reactor thread)."""
+        for index in files:
+            self._sizes[index] = 0
+
+    def sync(self) -> None:
+        """Group commit against power loss (worker thread)."""
+        for index, fd in enumerate(self._fds):
+            try:
+                os.fdatasync(fd)
+            except OSError as exc:
+                raise SpoolError(f"{self.paths[index]}: {exc.strerror}") from None
+
+    def close(self) -> None:
+        _close_all(self._fds)
+        self._fds = []
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    offset = 0
+    while chunk := os.pread(fd, 1 << 20, offset):
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
