@@ -39,13 +39,20 @@ checks the journal's last frame:
 * ``C`` matching the file: clean, nothing to do (the common case: one
   ``stat`` and one 51-byte read).
 * ``C`` not matching: another program (makemap, an editor) rewrote the file
-  after us. The file is the truth; the journal is rebuilt as a snapshot of it.
+  after us, or it was deleted. The file (or a new empty one) is the truth;
+  the journal is rebuilt as a snapshot of it, and a notice says how many
+  entries the replacement or the deletion dropped.
 * anything else: a writer died mid-write. The state is replayed from the
   journal (a torn last frame is dropped: it was never acknowledged) and the
   database rebuilt from it in place; the journal is rewritten compactly.
 
 The journal is compacted (rewritten as a snapshot) once it outgrows the
 database file, so it costs amortised O(1) per write.
+
+*A full disk* costs a retry, never the file: a batch frame that does not
+fit is taken back before the database is touched; a commit frame that
+does not fit after a good sync is written by the next write; and a file
+is rebuilt in place only when the disk has room for it.
 """
 
 from __future__ import annotations
@@ -250,6 +257,11 @@ class RelayStore:
         self.lock_timeout = lock_timeout
         self.durable = durable
         self._notice = notice or (lambda message: None)
+        self._created = False  # the last lock taken created the file
+        # Why this instance's last write left no commit: the next repair says so.
+        self._interrupted: str | None = None
+        # A write synced the file but could not journal its commit (a full disk).
+        self._uncommitted: Signature | None = None
 
     # -- public writes --
 
@@ -377,6 +389,7 @@ class RelayStore:
 
     def _open_lock_fd(self, operation: int, *, create: bool) -> int:
         deadline = time.monotonic() + self.lock_timeout
+        self._created = False
         flags = os.O_RDWR if operation == fcntl.LOCK_EX else os.O_RDONLY
         while True:
             fd = self._open_db_file(flags, create=create)
@@ -407,6 +420,7 @@ class RelayStore:
             return self._open_db_file(flags, create=False)
         except OSError as exc:
             raise StoreError(f"cannot create {self.path}: {exc.strerror}") from None
+        self._created = True
         try:
             os.fchmod(fd, self.mode)  # the umask must not decide what the MTA may read
             if self.group is not None:
@@ -458,7 +472,10 @@ class RelayStore:
                 # repair under the exclusive one, then read under a new one.
                 os.close(lock_fd)
                 lock_fd = -1
-                self.recover()
+                try:
+                    self.recover()
+                except StoreError as exc:
+                    self._notice(f"{exc}; reading it unrepaired")
                 lock_fd = self._open_lock_fd(fcntl.LOCK_SH, create=False)
             if os.fstat(lock_fd).st_size == 0:
                 yield _EmptyDatabase()
@@ -476,7 +493,7 @@ class RelayStore:
         directory = os.path.dirname(os.path.abspath(self.path))
         if os.access(self.path, os.W_OK) and os.access(directory, os.W_OK):
             return True
-        self._notice(f"{self.path}: a writer died mid-write; reading it unrepaired")
+        self._notice(f"{self.path}: a write did not finish; reading it unrepaired")
         return False
 
     def _journal_clean(self) -> bool:
@@ -495,20 +512,13 @@ class RelayStore:
             journal_fd = self._reconcile(lock_fd)
             previous_mtime = os.fstat(lock_fd).st_mtime_ns
             try:
-                _write_all(journal_fd, _frame(b"B", ops))
-                if self.durable:
-                    os.fdatasync(journal_fd)
-                database = self._open_database(0)
-                try:
-                    apply(database)
-                    database.sync()
-                except db.DBError as exc:
-                    raise StoreError(f"{self.path}: {_bdb_message(exc)}") from None
-                finally:
-                    database.close()
+                self._append_batch(journal_fd, ops)
+                self._apply(apply)
                 _advance_mtime(lock_fd, previous_mtime)
                 signature = _signature(os.fstat(lock_fd))
+                self._uncommitted = signature
                 _write_all(journal_fd, _frame(b"C", _SIGNATURE.pack(*signature)))
+                self._uncommitted = None
                 journal_size = os.fstat(journal_fd).st_size
             except OSError as exc:
                 raise StoreError(f"{self.journal_path}: {exc.strerror}") from None
@@ -516,6 +526,31 @@ class RelayStore:
                 os.close(journal_fd)
             if journal_size > max(_MIN_COMPACT_BYTES, signature[2]):
                 self._snapshot_journal(lock_fd, None)
+
+    def _append_batch(self, journal_fd: int, ops: bytes) -> None:
+        end = os.fstat(journal_fd).st_size
+        try:
+            _write_all(journal_fd, _frame(b"B", ops))
+            if self.durable:
+                os.fdatasync(journal_fd)
+        except OSError as exc:
+            # Nothing reached the database yet: take the partial frame back, so
+            # that a full disk costs a retry, not a rebuild of the whole file.
+            with contextlib.suppress(OSError):
+                os.ftruncate(journal_fd, end)
+            raise StoreError(f"{self.journal_path}: {exc.strerror}") from None
+
+    def _apply(self, apply: Callable[[Any], None]) -> None:
+        database = self._open_database(0)
+        try:
+            try:
+                apply(database)
+                database.sync()
+            finally:
+                database.close()  # flushes too, and can fail as sync can
+        except db.DBError as exc:
+            self._interrupted = _bdb_message(exc)
+            raise StoreError(f"{self.path}: {self._interrupted}") from None
 
     # -- recovery --
 
@@ -536,15 +571,45 @@ class RelayStore:
         except OSError as exc:
             raise StoreError(f"cannot open {self.journal_path}: {exc.strerror}") from None
         commit = _last_commit(journal_fd)
-        if commit is not None and commit == _signature(os.fstat(lock_fd)):
+        signature = _signature(os.fstat(lock_fd))
+        if commit is not None and commit == signature:
+            return journal_fd
+        if commit is None and self._uncommitted == signature:
+            # Our own write reached the file; only its commit frame did not fit.
+            try:
+                _write_all(journal_fd, _frame(b"C", _SIGNATURE.pack(*signature)))
+            except OSError as exc:
+                os.close(journal_fd)
+                raise StoreError(f"{self.journal_path}: {exc.strerror}") from None
+            self._uncommitted = None
             return journal_fd
         os.close(journal_fd)
         if commit is not None:
-            self._notice(f"{self.path}: changed by another program; journal rebuilt from it")
+            self._changed_behind_our_back(lock_fd)
             self._snapshot_journal(lock_fd, None)
         else:
             self._rebuild_from_journal(lock_fd)
         return self._open_journal_for_append()
+
+    def _changed_behind_our_back(self, lock_fd: int) -> None:
+        """Say what the file's deletion or replacement cost; the file (or its absence) wins."""
+        with open(self.journal_path, "rb") as journal:
+            known = _replay(journal.read()).state
+        if self._created:  # absent when we came to write: not replaced, deleted
+            self._notice(
+                f"{self.path}: deleted while in use; {_entries(len(known))} it held "
+                "dropped with it and a new file is started"
+            )
+            return
+        database = self._open_database(db.DB_RDONLY)
+        try:
+            dropped = sum(1 for key in known if database.get(key) is None)
+        finally:
+            database.close()
+        self._notice(
+            f"{self.path}: replaced by another program (makemap, an editor); the new file "
+            f"wins: {_entries(dropped)} it does not have dropped"
+        )
 
     def _open_journal_for_append(self) -> int:
         try:
@@ -556,10 +621,17 @@ class RelayStore:
         with open(self.journal_path, "rb") as journal:
             replay = _replay(journal.read())
         state = replay.state
+        _check_room(self.path, state)
+        cause = (
+            f"the last write failed ({self._interrupted})"
+            if self._interrupted
+            else "a write did not finish (its writer died or failed)"
+        )
         self._notice(
-            f"{self.path}: a writer died mid-write; rebuilt {len(state)} entries from the journal"
+            f"{self.path}: {cause}; rebuilt {len(state)} entries from the journal"
             + (" (dropped an unfinished batch)" if replay.torn else "")
         )
+        self._interrupted = None
         # DB_TRUNCATE opens with O_TRUNC: the same inode, as makemap rewrites it.
         database = self._open_database(db.DB_CREATE | db.DB_TRUNCATE)
         try:
@@ -686,6 +758,29 @@ def _group_id(group: str | int) -> int:
         return grp.getgrnam(group).gr_gid
     except KeyError:
         raise StoreError(f"unknown group {group!r}") from None
+
+
+def _entries(count: int) -> str:
+    return f"{count} entry" if count == 1 else f"{count} entries"
+
+
+def _check_room(path: str, state: dict[bytes, bytes]) -> None:
+    """Refuse to rebuild a file in place on a disk that cannot hold it.
+
+    A rebuild truncates the file first: on a full disk it would leave the
+    MTA a partial map. Until there is room, the file stays as it is and
+    the caller retries.
+    """
+    # A hash page holds its pairs with some slack; twice the payload plus a
+    # journal snapshot is ample.
+    needed = 3 * sum(len(k) + len(v) + 16 for k, v in state.items()) + (64 << 10)
+    st = os.statvfs(os.path.dirname(os.path.abspath(path)))
+    free = st.f_bavail * st.f_frsize
+    if free < needed:
+        raise StoreError(
+            f"{path}: No space left on device (a rebuild needs about {needed} bytes, "
+            f"{free} are free)"
+        )
 
 
 def _fsync_directory(directory: str) -> None:
