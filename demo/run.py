@@ -42,8 +42,8 @@ def main() -> int:
                 ROOT / "config" / "demo.ini",
                 {
                     "STATE": str(state),
-                    "POP3_PORT": str(dovecot.ports.pop3),
-                    "IMAP_PORT": str(dovecot.ports.imap),
+                    "POP3_PORT": str(dovecot.ports.pop3_haproxy),
+                    "IMAP_PORT": str(dovecot.ports.imap_haproxy),
                     "CERTIFICATE": str(dovecot.server_certificate),
                     "PRIVATE_KEY": str(dovecot.server_key),
                 },

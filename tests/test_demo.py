@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from relayproxy.cli.daemon import config_notes
 from relayproxy.config import parse_config
 from tests.daemon import wait_for
 
@@ -17,6 +18,29 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_the_example_config_is_valid() -> None:
     config = parse_config((ROOT / "config" / "relayproxy.ini").read_text(), "relayproxy.ini")
     assert [listener.name for listener in config.listeners] == ["pop3", "pop3s"]
+    # Every listener tells its backend who the client is: no note from --check-config.
+    assert config_notes(config) == []
+
+
+def test_check_config_notes_a_listener_that_hides_the_client_from_its_backend(
+    tmp_path: Path,
+) -> None:
+    ini = tmp_path / "relayproxy.ini"
+    ini.write_text(
+        "[listener:pop3]\nprotocol = pop3\nlisten = 127.0.0.1:1\nbackend = 127.0.0.1:2\n"
+        "[listener:imap]\nprotocol = imap\nlisten = 127.0.0.1:3\nbackend = 127.0.0.1:4\n"
+        "proxy_protocol_out = v2\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "relayproxy.cli.daemon", "--check-config", "--config", str(ini)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0
+    notes = [line for line in result.stderr.splitlines() if ": note: " in line]
+    assert len(notes) == 1
+    assert "[listener:pop3] sends no client address to its backend" in notes[0]
+    assert "proxy_protocol_out = v2" in notes[0]
 
 
 def test_the_demo_banner_commands_work_as_printed(tmp_path: Path) -> None:
@@ -48,6 +72,18 @@ def test_the_demo_banner_commands_work_as_printed(tmp_path: Path) -> None:
             return out if all(address in out for address in wanted) else None
 
         wait_for("every demo login in the dump", listed)
+        # Dovecot saw each client, not the proxy (PROXY v2 to its haproxy listener).
+        dovecot_log = tmp_path / "dovecot" / "dovecot.log"
+        wait_for(
+            "Dovecot logging the real clients",
+            lambda: (
+                all(
+                    f"rip={address}," in dovecot_log.read_text()
+                    for address in ("127.0.0.5", "127.0.0.6", "127.0.0.7")
+                )
+                or None
+            ),
+        )
     finally:
         demo.send_signal(signal.SIGINT)
         assert demo.wait(timeout=30) == 0

@@ -46,6 +46,19 @@ def load(path: str) -> tuple[Config, dict[str, ListenerTLS]]:
     return config, load_tls(config)
 
 
+def config_notes(config: Config) -> list[str]:
+    """Valid settings an operator should know the cost of (not errors)."""
+    notes = []
+    for listener in config.listeners:
+        if listener.proxy_protocol_out == "none" and not listener.forward_id:
+            notes.append(
+                f"[listener:{listener.name}] sends no client address to its backend: the "
+                "backend logs, and throttles after failed logins, every client as this "
+                "proxy; set proxy_protocol_out = v2 (Dovecot: haproxy = yes on that listener)"
+            )
+    return notes
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -68,6 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, TLSConfigError) as exc:
         return _fail(exc.problems, 2)
     if options.check_config:
+        for note in config_notes(config):
+            print(f"{PROG}: {path}: note: {note}", file=sys.stderr)
         print(f"{PROG}: {path}: OK, {len(config.listeners)} listener(s)")
         return 0
     return run(config, tls, path)
