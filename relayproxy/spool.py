@@ -28,10 +28,15 @@ twice is harmless (the store keeps the newer time).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import time
 import zlib
-from typing import Final
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from relayproxy.store import RelayStore
 
 SPOOL_SUFFIXES: Final = (".spool-a", ".spool-b")
 _MODE: Final = 0o640
@@ -56,7 +61,9 @@ def parse_spool(data: bytes) -> dict[str, int]:
     for line in data.split(b"\n"):
         body, _, crc = line.rpartition(b" ")
         key, _, seconds = body.partition(b" ")
-        if not key or not seconds.isdigit() or crc != b"%08x" % zlib.crc32(body):
+        if not key or not seconds.isdigit() or len(seconds) > 19:
+            continue  # more digits than a 64-bit time has: not a line we wrote
+        if crc != b"%08x" % zlib.crc32(body):
             continue
         name = key.decode("ascii", "replace")
         logins[name] = max(int(seconds), logins.get(name, 0))
@@ -72,15 +79,19 @@ class Spool:
         self._sizes = [0, 0]
         self._current = 0
 
-    def open(self) -> dict[str, int]:
-        """Take the spool; return the logins a previous run left unapplied."""
+    def open(self, wait: float = 10.0) -> dict[str, int]:
+        """Take the spool; return the logins a previous run left unapplied.
+
+        ``wait``: how long another holder may keep it (``vsmtprelay`` applying
+        leftovers holds it for one store write) before it counts as busy.
+        """
         fds: list[int] = []
         try:
             for path in self.paths:
                 fds.append(
                     os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, _MODE)
                 )
-            fcntl.flock(fds[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _flock_within(fds[0], wait)
         except BlockingIOError:
             _close_all(fds)
             raise SpoolBusyError(f"{self.paths[0]}: in use by another relayproxy") from None
@@ -146,6 +157,21 @@ class Spool:
         self._fds = []
 
 
+def _flock_within(fd: int, wait: float) -> None:
+    """``LOCK_EX`` within ``wait`` seconds, else BlockingIOError."""
+    deadline = time.monotonic() + wait
+    pause = 0.005
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.2)
+
+
 def _read_all(fd: int) -> bytes:
     chunks = []
     offset = 0
@@ -158,3 +184,51 @@ def _read_all(fd: int) -> bytes:
 def _close_all(fds: list[int]) -> None:
     for fd in fds:
         os.close(fd)
+
+
+def apply_leftovers(store: RelayStore) -> int:
+    """Store what a stopped daemon left in the spool, then empty it; returns how many.
+
+    For ``vsmtprelay``, before it reads or changes the store: a leftover login
+    would be missing from a ``list`` until the daemon restarts, and would
+    come back then after a ``delete`` or an ``expire``. Does nothing, and
+    creates nothing, when there is no spool, when it is empty, when the
+    caller may not write it (an administrator who may only read), or when a
+    running daemon holds it (its logins are its own to store). A failing
+    store write leaves the spool as it was.
+    """
+    fds: list[int] = []
+    try:
+        for path in (store.path + suffix for suffix in SPOOL_SUFFIXES):
+            try:
+                fds.append(os.open(path, os.O_RDWR | os.O_CLOEXEC))
+            except FileNotFoundError:
+                if not fds:
+                    return 0  # no spool-a to lock: a daemon that had none left nothing
+            except OSError as exc:
+                if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                    return 0
+                raise SpoolError(f"{path}: {exc.strerror}") from None
+        if not any(os.fstat(fd).st_size for fd in fds):
+            # The usual case. Not taking the lock then keeps a daemon that starts
+            # right now from finding its spool taken (it would run without one).
+            return 0
+        try:
+            fcntl.flock(fds[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return 0
+        leftovers: dict[str, int] = {}
+        for fd in fds:
+            for key, seconds in parse_spool(_read_all(fd)).items():
+                # A key that is not ASCII was not written by a daemon: the store cannot hold it.
+                if key.isascii():
+                    leftovers[key] = max(seconds, leftovers.get(key, 0))
+        store.record(sorted(leftovers.items()), keep_newer=True)
+        for fd, path in zip(fds, (store.path + suffix for suffix in SPOOL_SUFFIXES), strict=False):
+            try:
+                os.ftruncate(fd, 0)
+            except OSError as exc:
+                raise SpoolError(f"{path}: {exc.strerror}") from None
+        return len(leftovers)
+    finally:
+        _close_all(fds)

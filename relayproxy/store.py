@@ -796,10 +796,13 @@ def _fsync_directory(directory: str) -> None:
 
 def _bdb_message(exc: Exception) -> str:
     args = exc.args
-    text = args[1] if len(args) > 1 else str(exc)
+    text = str(args[1] if len(args) > 1 else exc)
+    cause, _, detail = text.partition(" -- ")
+    if detail.endswith(": " + cause):
+        text = cause  # libdb's "Is a directory -- PATH: Is a directory": the path is ours to add
     if "unexpected file type or format" in text or "Invalid argument" in text:
         return "not a Berkeley DB hash file (" + text + ")"
-    return str(text)
+    return text
 
 
 # --- sorting ----------------------------------------------------------------------

@@ -3,12 +3,17 @@
 Owns the command line and its exit statuses (0 done, 1 failed or an address
 was absent, 2 bad usage: nothing written). Every argument is validated
 before the database is opened, so a typo never changes the file.
+
+Before a command reads or changes the store, logins that a stopped daemon
+left in its spool are applied to it (``relayproxy.spool.apply_leftovers``).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import stat
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -17,16 +22,29 @@ from typing import NoReturn
 from relayproxy import __version__
 from relayproxy.addresses import (
     AddressError,
+    IPAddress,
     IPv6KeyStyle,
     all_relayer_keys,
     parse_client_address,
     relayer_keys,
 )
 from relayproxy.config import ConfigError, StoreConfig, find_config_path, load_config
+from relayproxy.spool import SpoolError, apply_leftovers
 from relayproxy.store import Entry, RelayStore, StoreError, StoreMissingError
 
 PROG = "vsmtprelay"
 CLASSIC_PATH = os.path.join("~", "etc", "relayers.db")
+
+# Exim's recipe compares the stored seconds as a signed 64-bit integer
+# (${if >{...}{...}}): a larger value is an expansion error there. Minutes
+# are bounded so that the cutoff (now - 60 n) is one too: the journal
+# stores it as one.
+MAX_TICKS = 2**63 - 1
+MAX_MINUTES = MAX_TICKS // 60
+# An argument longer than this is quoted cut short in an error line. No
+# address is longer ("IPv6:" and 45 characters of IPv4-mapped IPv6).
+MAX_SHOWN = 64
+PATH_MAX = 4096  # Linux's, with its NUL: a longer path fails every open() anyway
 
 USAGE = f"""\
 {PROG} {__version__}
@@ -51,13 +69,24 @@ options:
 
 list and dump print IP<TAB>seconds lines, sorted by address; `makemap hash`
 rebuilds the same map from them. An entry with a future timestamp is pinned:
-list and expire leave it alone.
+list and expire leave it alone. ticks is at most 9223372036854775807 (2**63-1),
+n at most 153722867280912930.
+
+Before any command, the logins a stopped relayproxy left in its spool
+(PATH.spool-a and .spool-b) are stored and the spool emptied.
 """
 )
 
 
 class UsageError(Exception):
     """Bad command line: one line of explanation, exit status 2."""
+
+
+def _shown(word: str) -> str:
+    """``word`` quoted for an error line: a 10 KB argument must not become a 10 KB line."""
+    if len(word) <= MAX_SHOWN:
+        return repr(word)
+    return f"{word[:MAX_SHOWN]!r}... ({len(word)} characters)"
 
 
 def _fail_usage(message: str | None = None) -> NoReturn:
@@ -68,17 +97,31 @@ def _fail_usage(message: str | None = None) -> NoReturn:
     raise SystemExit(2)
 
 
-def _non_negative(word: str, what: str) -> int:
-    if not word.isascii() or not word.isdigit():
-        raise UsageError(f"{what} must be a non-negative whole number, not {word!r}")
-    return int(word)
+def _bounded(word: str, what: str, limit: int) -> int:
+    digits = word.lstrip("0") or "0"
+    # Compared as text first: int() refuses (ValueError) past 4300 digits.
+    if (
+        not word.isascii()
+        or not word.isdigit()
+        or len(digits) > len(str(limit))
+        or int(digits) > limit
+    ):
+        raise UsageError(f"{what} must be a whole number from 0 to {limit}, not {_shown(word)}")
+    return int(digits)
+
+
+def _client_address(word: str) -> IPAddress:
+    # The parser's messages quote parts of the word: only a short one reaches it.
+    if len(word) > MAX_SHOWN:
+        raise UsageError(f"invalid address {_shown(word)}: too long to be an IP address")
+    try:
+        return parse_client_address(word)
+    except AddressError as exc:
+        raise UsageError(f"invalid address {word!r}: {exc}") from None
 
 
 def _address(word: str) -> tuple[str, ...]:
-    try:
-        return all_relayer_keys(parse_client_address(word))
-    except AddressError as exc:
-        raise UsageError(f"invalid address {word!r}: {exc}") from None
+    return all_relayer_keys(_client_address(word))
 
 
 def _warn(message: str) -> None:
@@ -94,11 +137,8 @@ class _Tool:
     def add(self, args: Sequence[str]) -> Callable[[], int]:
         if not 1 <= len(args) <= 2:
             raise UsageError("add takes an address and an optional timestamp (ticks)")
-        try:
-            keys = relayer_keys(parse_client_address(args[0]), self.ipv6_keys)
-        except AddressError as exc:
-            raise UsageError(f"invalid address {args[0]!r}: {exc}") from None
-        seconds = _non_negative(args[1], "ticks") if len(args) == 2 else self.now
+        keys = relayer_keys(_client_address(args[0]), self.ipv6_keys)
+        seconds = _bounded(args[1], "ticks", MAX_TICKS) if len(args) == 2 else self.now
 
         def run() -> int:
             self.store.record((key, seconds) for key in keys)
@@ -144,7 +184,7 @@ class _Tool:
     def _cutoff(self, args: Sequence[str], command: str) -> int:
         if len(args) > 1:
             raise UsageError(f"{command} takes at most one argument (minutes)")
-        minutes = _non_negative(args[0], "n (minutes)") if args else 0
+        minutes = _bounded(args[0], "n (minutes)", MAX_MINUTES) if args else 0
         return self.now - 60 * minutes
 
     def _print(self, keep: Callable[[Entry], bool]) -> int:
@@ -194,7 +234,82 @@ def _store_settings(db: str | None, config: str | None) -> StoreConfig:
     )
 
 
+def _path_problem(path: str) -> str | None:
+    """Why ``path`` can never name a file, whatever is on disk."""
+    if "\x00" in path:
+        return f"the database path {_shown(path)} contains a NUL byte"
+    size = len(os.fsencode(path))
+    if size >= PATH_MAX:
+        return f"the database path {_shown(path)} is too long (at most {PATH_MAX - 1} bytes)"
+    return None
+
+
+def _not_a_database(path: str) -> str | None:
+    """Why the file at ``path`` cannot be the database, when stat() already says so."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None  # absent (created or reported so) or out of reach: the store says which
+    if stat.S_ISDIR(mode):
+        # Said here, or Berkeley DB says it twice and names the path twice.
+        return f"cannot open {path}: {os.strerror(errno.EISDIR)}"
+    if not stat.S_ISREG(mode):
+        # A FIFO would block the open() for ever; no device is a hash file.
+        return f"cannot open {path}: not a regular file"
+    return None
+
+
+def _one_cause(message: str, path: str) -> str:
+    """A store message with Berkeley DB's repetition taken out.
+
+    Berkeley DB's text is ``<errno text> -- <its own prefix>: <path>: <reason>``,
+    so ``<path>: Is a directory -- <path>: Is a directory``; only its last
+    reason is news.
+    """
+    head = f"{path}: "
+    cause = message.removeprefix(head)
+    if cause == message or " -- " not in cause:
+        return message
+    before, _, after = cause.partition(" -- ")
+    if head not in after:
+        return message
+    reason = after.rpartition(head)[2]
+    opening = before.rfind("(")
+    if opening >= 0 and reason.endswith(")"):
+        return head + before[: opening + 1] + reason
+    return head + reason
+
+
+def _apply_spool(store: RelayStore, *, reading: bool) -> None:
+    """Apply what a stopped daemon left in the spool, before the command sees the store."""
+    try:
+        applied = apply_leftovers(store)
+    except SpoolError as exc:
+        _warn(f"{exc}; logins left in the spool are not applied")
+        return
+    except StoreError as exc:
+        if not reading:
+            raise  # the command itself needs the same store: one error, its own
+        _warn("logins left in the spool are not applied: " + _one_cause(str(exc), store.path))
+        return
+    if applied:
+        print(
+            f"{PROG}: applied {applied} entr{'y' if applied == 1 else 'ies'} left in the spool "
+            "by a stopped relayproxy",
+            file=sys.stderr,
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    words = list(sys.argv[1:] if argv is None else argv)
+
+    def parser_error(message: str) -> NoReturn:
+        # argparse quotes the words it did not expect in full.
+        for word in words:
+            if len(word) > MAX_SHOWN:
+                message = message.replace(word, _shown(word))
+        _fail_usage(message)
+
     parser = argparse.ArgumentParser(prog=PROG, add_help=False, usage=argparse.SUPPRESS)
     parser.add_argument("--db")
     parser.add_argument("--config")
@@ -202,8 +317,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--version", action="store_true")
     parser.add_argument("command", nargs="?")
     parser.add_argument("args", nargs=argparse.REMAINDER)
-    parser.error = _fail_usage  # type: ignore[method-assign]
-    options = parser.parse_args(argv)
+    parser.error = parser_error  # type: ignore[method-assign]
+    options = parser.parse_args(words)
     if options.help:
         sys.stdout.write(HELP)
         return 0
@@ -212,9 +327,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if options.command not in COMMANDS:
         if options.command is not None:
-            print(f"{PROG}: unknown command {options.command!r}", file=sys.stderr)
+            print(f"{PROG}: unknown command {_shown(options.command)}", file=sys.stderr)
         _fail_usage()
     settings = _store_settings(options.db, options.config)
+    problem = _path_problem(settings.path)
+    if problem:
+        _fail_usage(problem)
     store = RelayStore(
         settings.path,
         mode=settings.mode,
@@ -227,13 +345,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         run = getattr(tool, options.command)(options.args)
     except UsageError as exc:
         _fail_usage(str(exc))
-    try:
-        return int(run())
-    except StoreMissingError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
+    problem = _not_a_database(store.path)
+    if problem:
+        print(f"{PROG}: {problem}", file=sys.stderr)
         return 1
+    try:
+        # First, so that a delete or an expire is not undone by the daemon's
+        # next start replaying the spool, and list shows every login.
+        _apply_spool(store, reading=options.command in ("list", "dump"))
+        return int(run())
     except StoreError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
+        print(f"{PROG}: {_one_cause(str(exc), store.path)}", file=sys.stderr)
         return 1
 
 
