@@ -8,7 +8,7 @@ APT_PACKAGES := libdb5.3-dev db5.3-util sendmail-bin dovecot-core dovecot-pop3d 
 	sendmail-cf m4 iproute2 util-linux mount
 STAMP := $(VENV)/.installed
 
-.PHONY: test run check lint typecheck unit system-deps venv bench clean
+.PHONY: test run check lint typecheck unit system-deps venv bench fuzz clean
 
 test: venv lint typecheck unit
 
@@ -48,6 +48,12 @@ unit: venv
 bench: venv
 	$(PY) bench/store.py
 	$(PY) bench/logins.py
+	$(PY) bench/durability.py
+
+# Issue 9: generated POP3/IMAP dialogues through relayproxy to a real Dovecot; prints counts
+# per class and fails on any false or missed record. FUZZ_ARGS="--seed N --count M" to vary.
+fuzz: venv
+	$(PY) -m tests.differential --count 100000 $(FUZZ_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

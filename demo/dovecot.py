@@ -72,6 +72,8 @@ class DovecotPorts:
     imaps: int  # implicit TLS IMAP
     pop3_haproxy: int  # POP3 listener with `haproxy = yes` (expects a PROXY v1/v2 header)
     imap_haproxy: int  # IMAP listener with `haproxy = yes`
+    pop3s_haproxy: int  # implicit TLS POP3 after a PROXY header (in clear, before the handshake)
+    imaps_haproxy: int  # implicit TLS IMAP after a PROXY header
 
 
 class DovecotError(RuntimeError):
@@ -351,6 +353,8 @@ class Dovecot:
             (ports.imaps, None, b""),
             (ports.pop3_haproxy, None, b""),
             (ports.imap_haproxy, None, b""),
+            (ports.pop3s_haproxy, None, b""),
+            (ports.imaps_haproxy, None, b""),
             (ports.pop3, b"+OK", b"QUIT\r\n"),
             (ports.imap, b"* OK", b"a LOGOUT\r\n"),
         ]
@@ -437,6 +441,11 @@ service pop3-login {{
     port = {pop3_haproxy}
     haproxy = yes
   }}
+  inet_listener pop3s_haproxy {{
+    port = {pop3s_haproxy}
+    ssl = yes
+    haproxy = yes
+  }}
   service_count = 0
   process_min_avail = {cores}
   client_limit = {clients}
@@ -451,6 +460,11 @@ service imap-login {{
   }}
   inet_listener imap_haproxy {{
     port = {imap_haproxy}
+    haproxy = yes
+  }}
+  inet_listener imaps_haproxy {{
+    port = {imaps_haproxy}
+    ssl = yes
     haproxy = yes
   }}
   service_count = 0

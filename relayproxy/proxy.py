@@ -23,7 +23,6 @@ from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
-    wrapClientTLS,
 )
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -40,6 +39,7 @@ from relayproxy.protocols.common import (
     ClientOrigin,
     Close,
     LoginFailed,
+    LoginRefused,
     LoginSucceeded,
     ProtocolViolationError,
     Splice,
@@ -56,7 +56,7 @@ from relayproxy.proxy_header import (
     proxy_header_v2,
 )
 from relayproxy.recorder import Recorder
-from relayproxy.tls import ListenerTLS
+from relayproxy.tls import BackendIdentityError, ListenerTLS
 
 log = Logger(namespace="relayproxy")
 
@@ -117,9 +117,6 @@ class ListenerRuntime:
         else:
             kind = TCP4ClientEndpoint if address.version == 4 else TCP6ClientEndpoint
             endpoint = kind(self.reactor, backend.host, backend.port, timeout=10)
-        if self.config.backend_tls == "implicit":
-            assert self.tls.backend is not None
-            endpoint = wrapClientTLS(self.tls.backend, endpoint)
         return endpoint
 
     def trusts_proxy_header_from(self, host: str) -> bool:
@@ -159,6 +156,111 @@ def _address_of(address: Any) -> tuple[str, int] | None:
     return None
 
 
+class LoginLog:
+    """The login events of a listener's sessions; the user name only if ``[log] usernames``."""
+
+    def __init__(self, listener: str, usernames: bool) -> None:
+        self.listener = listener
+        self.usernames = usernames
+
+    def user_field(self, user: str | None) -> str:
+        return (user or "-") if self.usernames else "-"
+
+    def succeeded(self, client: IPAddress, event: LoginSucceeded, record: str) -> None:
+        log.info(
+            "login.success client={client} user={user} mechanism={mechanism} "
+            "listener={listener} record={record}",
+            client=str(client),
+            user=self.user_field(event.user),
+            mechanism=event.mechanism,
+            listener=self.listener,
+            record=record,
+        )
+
+    def failed(self, client: IPAddress | None, event: LoginFailed) -> None:
+        log.warn(
+            "login.failure client={client} user={user} mechanism={mechanism} listener={listener}",
+            client=str(client),
+            user=self.user_field(event.user),
+            mechanism=event.mechanism,
+            listener=self.listener,
+        )
+
+    def refused(self, client: IPAddress | None, event: LoginRefused) -> None:
+        # Its own event, not login.failure: the proxy refused before any
+        # password was tried (a client set up without TLS, not a guesser),
+        # so the fail2ban filter must not count it.
+        log.warn(
+            "login.refused client={client} user={user} mechanism={mechanism} "
+            "listener={listener} reason={reason}",
+            client=str(client),
+            user=self.user_field(event.user),
+            mechanism=event.mechanism,
+            listener=self.listener,
+            reason=event.reason,
+        )
+
+
+class SessionLinks:
+    """A session's two connections: which are still open, splicing and closing them.
+
+    Twisted's TLS ``loseConnection`` sends close_notify only once no producer
+    is registered (``twisted.protocols.tls``), and after the splice each
+    transport is the other's producer: so every close unregisters first, or
+    a TLS side would stay open until the ``CLOSE_GRACE`` abort (a client
+    waiting for the server to close after LOGOUT would wait that long).
+    A transport already lost is never touched again: Twisted's TLS layer has
+    dropped its state by then, and a late call raises.
+    """
+
+    def __init__(self) -> None:
+        self.client: Any = None
+        self.backend: Any = None
+        self.client_open = False
+        self.backend_connecting = False
+        self.backend_open = False
+        self._paired = False  # each transport registered as the other's producer
+
+    @property
+    def done(self) -> bool:
+        return not (self.client_open or self.backend_connecting or self.backend_open)
+
+    def splice(self) -> None:
+        if not (self.client_open and self.backend_open):
+            return
+        self._paired = True
+        # portforward's back-pressure: each transport throttles the other.
+        self.client.registerProducer(self.backend, True)
+        self.backend.registerProducer(self.client, True)
+
+    def close(self) -> None:
+        self._unsplice()
+        if self.client_open:
+            self.client.loseConnection()
+        if self.backend_open:
+            self.backend.loseConnection()
+
+    def abort(self) -> None:
+        if self.client_open:
+            self.client.abortConnection()
+        if self.backend_open:
+            self.backend.abortConnection()
+
+    def _unsplice(self) -> None:
+        if not self._paired:
+            return
+        self._paired = False
+        # Reading resumes too: a side the other had paused must still read
+        # its peer's close_notify, or its TLS close waits for the abort.
+        for transport, still_open in (
+            (self.client, self.client_open),
+            (self.backend, self.backend_open),
+        ):
+            if still_open:
+                transport.unregisterProducer()
+                transport.resumeProducing()
+
+
 class FrontendProtocol(Protocol):
     """The client's connection; owns the session and its backend connection."""
 
@@ -175,7 +277,10 @@ class FrontendProtocol(Protocol):
         self.user: str | None = None
         self.spliced = False
         self.closing = False
+        self.links = SessionLinks()
+        self.logins = LoginLog(self.listener, runtime.usernames)
         self._admitted = False
+        self._finished = False
         self._opened = 0.0
         self._head = b""  # first bytes, to spot a PROXY header from an untrusted peer
         self._header_parser: V1Parser | V2Parser | None = None
@@ -188,6 +293,7 @@ class FrontendProtocol(Protocol):
 
     def connectionMade(self) -> None:
         _no_delay(self.transport)
+        self.links.client, self.links.client_open = self.transport, True
         self.runtime.sessions.add(self)
         reactor = self.runtime.reactor
         self._opened = reactor.seconds()
@@ -236,6 +342,7 @@ class FrontendProtocol(Protocol):
             listener=self.listener,
         )
         self.watcher = self.runtime.make_watcher(self._origin())
+        self.links.backend_connecting = True
         self.runtime.connect_backend(self).addErrback(self._backend_unreachable)
 
     def _origin(self) -> ClientOrigin:
@@ -315,12 +422,19 @@ class FrontendProtocol(Protocol):
 
     def backend_connected(self, backend: BackendProtocol) -> None:
         self.backend = backend
+        self.links.backend, self.links.backend_open = backend.transport, True
+        self.links.backend_connecting = False
         if self.closing:
             backend.transport.loseConnection()  # type: ignore[union-attr]
             return
         header = self._proxy_header_out()
         if header:
             backend.transport.write(header)  # type: ignore[union-attr]
+        if self.runtime.config.backend_tls == "implicit":
+            # After the PROXY header, which a backend (Dovecot's `haproxy =
+            # yes`) reads in clear before its TLS handshake.
+            assert self.runtime.tls.backend is not None
+            backend.transport.startTLS(self.runtime.tls.backend)  # type: ignore[union-attr]
 
     def server_data(self, data: bytes) -> None:
         if self.spliced:
@@ -332,16 +446,23 @@ class FrontendProtocol(Protocol):
             self._consult(lambda: watcher.server_data(data))
 
     def backend_lost(self, reason: Failure) -> None:
-        if isinstance(reason.value, SSL.Error):
+        self.links.backend_open = False
+        if isinstance(reason.value, SSL.Error | BackendIdentityError):
             log.warn(
                 "tls.error side=backend client={client} listener={listener} error={error}",
                 client=str(self.client),
                 listener=self.listener,
                 error=reason.getErrorMessage(),
             )
+            # A handshake that failed (a certificate not for the backend among
+            # reasons) is an unreachable backend, as far as the client can tell.
+            if self.watcher is not None and not self.closing:
+                self._write_client(self.watcher.refusal("backend unavailable, try again later"))
         self._disconnect()
+        self._finish_if_done()
 
     def _backend_unreachable(self, reason: Failure) -> None:
+        self.links.backend_connecting = False
         log.error(
             "backend.unreachable client={client} listener={listener} backend={backend} "
             "error={error}",
@@ -353,6 +474,7 @@ class FrontendProtocol(Protocol):
         if self.watcher is not None:
             self._write_client(self.watcher.refusal("backend unavailable, try again later"))
         self._disconnect()
+        self._finish_if_done()
 
     def _proxy_header_out(self) -> bytes:
         version = self.runtime.config.proxy_protocol_out
@@ -381,8 +503,8 @@ class FrontendProtocol(Protocol):
     def _run(self, actions: list[Action]) -> None:
         for action in actions:
             if isinstance(action, ToServer):
-                if self.backend is not None and not self.closing:
-                    self.backend.transport.write(action.data)  # type: ignore[union-attr]
+                if self.links.backend_open and not self.closing:
+                    self.links.backend.write(action.data)
             elif isinstance(action, ToClient):
                 self._write_client(action.data)
             elif isinstance(action, StartClientTLS):
@@ -393,7 +515,9 @@ class FrontendProtocol(Protocol):
             elif isinstance(action, LoginSucceeded):
                 self._login_succeeded(action)
             elif isinstance(action, LoginFailed):
-                self._login_failed(action)
+                self.logins.failed(self.client, action)
+            elif isinstance(action, LoginRefused):
+                self.logins.refused(self.client, action)
             elif isinstance(action, Splice):
                 self._splice()
             elif isinstance(action, Close):
@@ -406,50 +530,31 @@ class FrontendProtocol(Protocol):
                 self._disconnect()
 
     def _write_client(self, data: bytes) -> None:
+        if not self.links.client_open:
+            return  # the client has gone; the watcher may still be seeing a login through
         self.bytes_out += len(data)
         self.transport.write(data)  # type: ignore[union-attr]
 
     def _start_client_tls(self) -> None:
         assert self.watcher is not None and self.runtime.tls.server is not None
+        if not self.links.client_open:
+            return
         self.transport.startTLS(self.runtime.tls.server)  # type: ignore[union-attr]
         # Bytes that arrive from now on are decrypted by the TLS layer.
         watcher = self.watcher
         self._consult(watcher.client_tls_started)
 
-    def _user_field(self, user: str | None) -> str:
-        return (user or "-") if self.runtime.usernames else "-"
-
     def _login_succeeded(self, event: LoginSucceeded) -> None:
         assert self.client is not None
         self.user = event.user
-        outcome = self.runtime.recorder.login(self.client)
-        log.info(
-            "login.success client={client} user={user} mechanism={mechanism} "
-            "listener={listener} record={record}",
-            client=str(self.client),
-            user=self._user_field(event.user),
-            mechanism=event.mechanism,
-            listener=self.listener,
-            record=outcome,
-        )
-
-    def _login_failed(self, event: LoginFailed) -> None:
-        log.warn(
-            "login.failure client={client} user={user} mechanism={mechanism} listener={listener}",
-            client=str(self.client),
-            user=self._user_field(event.user),
-            mechanism=event.mechanism,
-            listener=self.listener,
-        )
+        self.logins.succeeded(self.client, event, self.runtime.recorder.login(self.client))
 
     def _splice(self) -> None:
+        if not self.links.client_open:
+            return  # never after client_closed(); a client gone cannot be relayed to
         self.spliced = True
         self.watcher = None
-        backend = self.backend
-        assert backend is not None
-        # portforward's back-pressure: each transport throttles the other.
-        self.transport.registerProducer(backend.transport, True)  # type: ignore[union-attr]
-        backend.transport.registerProducer(self.transport, True)  # type: ignore[union-attr]
+        self.links.splice()
         self._rearm(self.runtime.config.idle_timeout, self._idle_check)
 
     # -- timers and teardown --
@@ -498,18 +603,14 @@ class FrontendProtocol(Protocol):
         if self.closing:
             return
         self.closing = True
-        self.transport.loseConnection()  # type: ignore[union-attr]
-        if self.backend is not None:
-            self.backend.transport.loseConnection()  # type: ignore[union-attr]
+        self.links.close()
         # A TLS close waits for the peer's close_notify, which some clients
         # (openssl s_client among them) never send: do not wait forever.
         self._rearm(CLOSE_GRACE, self._abort_lingering)
 
     def _abort_lingering(self) -> None:
         self._timer = None
-        self.transport.abortConnection()  # type: ignore[union-attr]
-        if self.backend is not None:
-            self.backend.transport.abortConnection()  # type: ignore[union-attr]
+        self.links.abort()
 
     @property
     def in_login(self) -> bool:
@@ -517,10 +618,10 @@ class FrontendProtocol(Protocol):
         return not self.spliced and not self.closing
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.runtime.sessions.discard(self)
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        # A half-close (client FIN) ends up here too: this protocol is not an
+        # IHalfCloseableProtocol, and a POP3/IMAP client that stops sending
+        # has nothing more to say that matters before login.
+        self.links.client_open = False
         if isinstance(reason.value, SSL.Error):
             log.warn(
                 "tls.error side=client client={client} listener={listener} error={error}",
@@ -528,9 +629,28 @@ class FrontendProtocol(Protocol):
                 listener=self.listener,
                 error=reason.getErrorMessage(),
             )
-        if self.backend is not None:
-            self.backend.transport.loseConnection()  # type: ignore[union-attr]
+        backend_alive = self.links.backend_open or self.links.backend_connecting
+        if self.watcher is not None and backend_alive and not self.closing:
+            # A login the client sent must be seen to its end (DESIGN.md): the
+            # backend logs the user in whether or not the client waits for
+            # the answer. The watcher says when nothing is left in flight;
+            # the pre-auth timer, still running, bounds the wait.
+            watcher = self.watcher
+            self._consult(watcher.client_closed)
+        else:
+            self._disconnect()
+        self._finish_if_done()
+
+    def _finish_if_done(self) -> None:
+        """Once both sides are closed: count the session out and log it, once."""
+        if self._finished or not self.links.done:
+            return
+        self._finished = True
         self.closing = True
+        self.runtime.sessions.discard(self)
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
         if not self._admitted:
             return
         assert self.client is not None
@@ -540,7 +660,7 @@ class FrontendProtocol(Protocol):
             "bytes_in={bytes_in} bytes_out={bytes_out} duration={duration:.3f}",
             client=str(self.client),
             listener=self.listener,
-            user=self._user_field(self.user),
+            user=self.logins.user_field(self.user),
             bytes_in=self.bytes_in,
             bytes_out=self.bytes_out,
             duration=self.runtime.reactor.seconds() - self._opened,

@@ -7,12 +7,22 @@ errors that name the listener, the key and the file. Used at start-up, by
 
 from __future__ import annotations
 
+import ipaddress
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from OpenSSL import crypto
+from OpenSSL import SSL, crypto
+from service_identity import VerificationError
+from service_identity.cryptography import (
+    verify_certificate_hostname,
+    verify_certificate_ip_address,
+)
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from relayproxy.config import ListenerConfig
 
@@ -22,6 +32,10 @@ _PEM_CERTIFICATE = re.compile(
 
 
 BackendTLS = IOpenSSLClientConnectionCreator | ssl.CertificateOptions
+
+
+class BackendIdentityError(Exception):
+    """The backend's certificate chains to a trusted CA but does not name the backend."""
 
 
 class TLSConfigError(Exception):
@@ -116,7 +130,7 @@ def _backend_options(
         # Encrypted, but anyone on the path could be the backend: the operator's choice.
         return ssl.CertificateOptions(verify=False, raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
     if listener.backend_ca is None:
-        return ssl.optionsForClientTLS(host, trustRoot=ssl.platformTrust())  # type: ignore[no-untyped-call]
+        return BackendNameCheck(host, ssl.platformTrust())  # type: ignore[no-untyped-call]
     pem = _read(listener.backend_ca, f"{section} backend_ca", problems)
     if pem is None:
         return None
@@ -129,4 +143,67 @@ def _backend_options(
         problems.append(f"{section} backend_ca: no PEM certificate in {listener.backend_ca}")
         return None
     trust = ssl.trustRootFromCertificates(authorities)  # type: ignore[no-untyped-call]
-    return ssl.optionsForClientTLS(host, trustRoot=trust)
+    return BackendNameCheck(host, trust)
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class BackendNameCheck:
+    """``optionsForClientTLS`` with a name check that fails closed.
+
+    Twisted's own check (``twisted.internet._sslverify._verifyCB``) fails the
+    handshake only on service_identity's ``VerificationError``. Since
+    service_identity 24.1 a certificate without subjectAltName raises
+    ``CertificateError`` instead, which Twisted logs as a critical error and
+    then accepts: any certificate without subjectAltName that chains to
+    ``backend_ca`` passed, whatever name it was issued for. Here every
+    failure of the check, whatever its type, ends the handshake, before the
+    proxy's first byte to the backend (a client's login among them) leaves.
+    """
+
+    def __init__(self, host: str, trust: Any) -> None:
+        self.host = host
+        # SNI, the trust root and the protocol floor stay Twisted's.
+        self._options = ssl.optionsForClientTLS(host, trustRoot=trust)
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            self._host_is_ip = False
+        else:
+            self._host_is_ip = True
+
+    def clientConnectionForTLS(self, tls_protocol: Any) -> SSL.Connection:
+        connection: SSL.Connection = self._options.clientConnectionForTLS(tls_protocol)
+        connection.set_verify(
+            SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, self._verifier(tls_protocol)
+        )
+        return connection
+
+    def _verifier(self, tls_protocol: Any) -> Callable[[SSL.Connection, Any, int, int, int], bool]:
+        def verify(
+            connection: SSL.Connection, certificate: Any, error: int, depth: int, ok: int
+        ) -> bool:
+            if not ok:
+                return False  # the chain failed: OpenSSL's own error says why
+            if depth != 0:
+                return True
+            why = self._mismatch(certificate)
+            if why is None:
+                return True
+            mismatch = BackendIdentityError(f"certificate is not for {self.host}: {why}")
+            tls_protocol.failVerification(Failure(mismatch))  # type: ignore[no-untyped-call]
+            return False
+
+        return verify
+
+    def _mismatch(self, certificate: Any) -> str | None:
+        """Why ``certificate`` does not name the backend, or None when it does."""
+        try:
+            if self._host_is_ip:
+                verify_certificate_ip_address(certificate.to_cryptography(), self.host)
+            else:
+                verify_certificate_hostname(certificate.to_cryptography(), self.host)
+        except VerificationError:
+            return "its subjectAltName names other hosts"
+        except Exception as exc:  # nothing may escape into OpenSSL's callback: refuse instead
+            return str(exc) or type(exc).__name__  # CertificateError: no subjectAltName at all
+        return None

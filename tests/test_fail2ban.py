@@ -233,7 +233,8 @@ def daemon_log(daemon: Daemon, dovecot: Dovecot) -> tuple[Path, list[str]]:
     daemon.start()
 
     client = POP3From("127.0.0.1", pop3, "127.0.0.71")
-    client.user(f"x client={FORGED}")
+    # USER takes no spaces before login (the proxy refuses them): the bait is the whole name.
+    client.user(f"client={FORGED}")
     with pytest.raises(poplib.error_proto):
         client.pass_("wrong")
     client.close()

@@ -165,6 +165,28 @@ def test_backend_starttls_and_implicit_tls(daemon: Daemon, dovecot: Dovecot) -> 
         daemon.wait_for_record(source)
 
 
+@pytest.mark.parametrize("protocol", ["pop3", "imap"])
+def test_a_proxy_header_goes_in_clear_before_the_backends_tls_handshake(
+    daemon: Daemon, dovecot: Dovecot, protocol: str
+) -> None:
+    backend = dovecot.ports.pop3s_haproxy if protocol == "pop3" else dovecot.ports.imaps_haproxy
+    port = daemon.listener(
+        "backend-tls-header",
+        protocol=protocol,
+        backend=f"127.0.0.1:{backend}",
+        backend_tls="implicit",
+        backend_ca=str(dovecot.ca_certificate),
+        proxy_protocol_out="v2",
+    )
+    daemon.start()
+    source = "127.0.0.53" if protocol == "pop3" else "127.0.0.54"
+    result = curl(source, "-u", "alice:alice-secret", f"{protocol}://127.0.0.1:{port}/")
+    assert result.returncode == 0, result.stderr
+    daemon.wait_for_record(source)
+    # Dovecot (haproxy = yes, ssl = yes) read the header, then the handshake.
+    assert f"rip={source}," in dovecot.wait_for_log(f"rip={source},")
+
+
 def test_stls_injection_does_not_reach_the_backend(daemon: Daemon, dovecot: Dovecot) -> None:
     port = pop3_listener(daemon, dovecot, tls="starttls", **tls_listener(dovecot))
     daemon.start()
