@@ -34,6 +34,7 @@ from twisted.python.failure import Failure
 
 from relayproxy.addresses import AddressError, IPAddress, peer_address
 from relayproxy.config import ListenerConfig, Network
+from relayproxy.descriptors import SessionBudget
 from relayproxy.protocols.common import (
     Action,
     ClientOrigin,
@@ -65,22 +66,31 @@ CLOSE_GRACE = 10.0
 
 
 class ConnectionLimits:
-    """Open connections of one listener, overall and per client address."""
+    """Open connections of one listener, overall and per client address.
 
-    def __init__(self, total: int, per_address: int) -> None:
+    ``budget``: the sessions the process's descriptors allow, shared by
+    every listener (``relayproxy.descriptors``).
+    """
+
+    def __init__(self, total: int, per_address: int, budget: SessionBudget | None = None) -> None:
         self.total = total
         self.per_address = per_address
+        self.budget = budget
         self.open = 0
         self._by_address: Counter[IPAddress] = Counter()
 
     def admit(self, address: IPAddress) -> bool:
         if self.open >= self.total or self._by_address[address] >= self.per_address:
             return False
+        if self.budget is not None and not self.budget.admit():
+            return False
         self.open += 1
         self._by_address[address] += 1
         return True
 
     def release(self, address: IPAddress) -> None:
+        if self.budget is not None:
+            self.budget.release()
         self.open -= 1
         self._by_address[address] -= 1
         if not self._by_address[address]:
@@ -97,10 +107,11 @@ class ListenerRuntime:
     make_watcher: Callable[[ClientOrigin], Watcher]
     reactor: Any
     usernames: bool = True
+    budget: SessionBudget | None = None
 
     def __post_init__(self) -> None:
         self.limits = ConnectionLimits(
-            self.config.max_connections, self.config.max_connections_per_ip
+            self.config.max_connections, self.config.max_connections_per_ip, self.budget
         )
         self.sessions: set[FrontendProtocol] = set()
         self._backend_endpoint = self._make_backend_endpoint()

@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from relayproxy.config import Config, ListenerConfig
+from relayproxy.descriptors import SessionBudget
 from relayproxy.protocols.common import ClientOrigin, TLSMode, Watcher, WatcherSettings
 from relayproxy.protocols.imap import ImapWatcher
 from relayproxy.protocols.pop3 import Pop3Watcher
@@ -91,8 +92,15 @@ class _Listening:
 class RelayProxyService(Service):
     """Listeners, recorder and store thread; reloadable; stops gracefully."""
 
-    def __init__(self, config: Config, reactor: Any, tls: dict[str, ListenerTLS]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        tls: dict[str, ListenerTLS],
+        budget: SessionBudget | None = None,
+    ) -> None:
         self.config = config
+        self.budget = budget
         self.reactor = reactor
         self.pool = ThreadPool(minthreads=1, maxthreads=1, name="relayproxy-store")
         self.recorder = Recorder(
@@ -128,6 +136,7 @@ class RelayProxyService(Service):
             make_watcher=watcher_factory(listener),
             reactor=self.reactor,
             usernames=self.config.log.usernames,
+            budget=self.budget,
         )
 
     def _bind(self, runtime: ListenerRuntime) -> _Listening:

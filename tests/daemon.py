@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import signal
 import socket
 import subprocess
@@ -53,6 +54,8 @@ class Daemon:
     extra: str = ""
     listeners: list[Listener] = field(default_factory=list)
     process: subprocess.Popen[bytes] | None = None
+    # RLIMIT_NOFILE (soft and hard) to start the daemon under, as `ulimit -n` would.
+    descriptor_limit: int | None = None
 
     @property
     def db(self) -> Path:
@@ -85,10 +88,17 @@ class Daemon:
 
     def start(self) -> None:
         self.config_path.write_text(self.config_text())
+        limit = self.descriptor_limit
+
+        def limit_descriptors() -> None:
+            if limit is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
         self.process = subprocess.Popen(
             [sys.executable, "-m", "relayproxy.cli.daemon", "--config", str(self.config_path)],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
+            preexec_fn=limit_descriptors if limit is not None else None,  # noqa: PLW1509
         )
         for listener in self.listeners:
             wait_for(

@@ -23,6 +23,7 @@ from relayproxy.config import (
     find_config_path,
     load_config,
 )
+from relayproxy.descriptors import SessionBudget, plan_descriptors
 from relayproxy.logs import start_logging
 from relayproxy.privileges import PrivilegeError, become, target_identity
 from relayproxy.service import ListenError, RelayProxyService, load_tls
@@ -93,7 +94,9 @@ def run(config: Config, tls: dict[str, ListenerTLS], path: str) -> int:
         identity = target_identity(config.daemon)
     except PrivilegeError as exc:
         return _fail([str(exc)], 2)
-    service = RelayProxyService(config, reactor, tls)
+    # Before anything is opened: the soft limit may have to grow first.
+    descriptors = plan_descriptors(sum(listener.max_connections for listener in config.listeners))
+    service = RelayProxyService(config, reactor, tls, SessionBudget(descriptors.sessions))
     try:
         service.listen()
     except ListenError as exc:
@@ -109,6 +112,16 @@ def run(config: Config, tls: dict[str, ListenerTLS], path: str) -> int:
             return _fail([f"cannot become {identity.user}:{identity.group}: {exc}"], 1)
         log.info(
             "daemon.identity user={user} group={group}", user=identity.user, group=identity.group
+        )
+    if descriptors.short:
+        log.warn(
+            "daemon.descriptors needed={needed} limit={limit} hard_limit={hard} "
+            "sessions={sessions} (raise LimitNOFILE= or the hard ulimit -n; sessions "
+            "beyond that are refused so that recording keeps its descriptors)",
+            needed=descriptors.needed,
+            limit=descriptors.soft,
+            hard=descriptors.hard,
+            sessions=descriptors.sessions,
         )
     # logrotate renames the file, then sends SIGUSR1 (config/logrotate.d).
     signal.signal(signal.SIGUSR1, lambda signum, frame: observer.reopen())
