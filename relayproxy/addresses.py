@@ -3,7 +3,7 @@
 Owns: strict parsing of an address typed by an administrator or reported by
 a socket, and the key forms written for it. Never touches the database.
 
-Key forms (DESIGN.md, "Store conventions"):
+Key forms (what each MTA looks up):
 
 * IPv4: the dotted quad, as sendmail's ``${client_addr}`` and Postfix's
   client address both hold it. An IPv4-mapped IPv6 peer (``::ffff:a.b.c.d``,

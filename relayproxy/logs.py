@@ -26,7 +26,7 @@ one line, one field. Numbers keep their format spec (``{duration:.3f}``).
 *Secrets.* A field whose name contains ``password``, ``passwd``, ``secret``,
 ``sasl``, ``literal`` or ``response`` (also as an attribute reached from the
 format, ``{session.password}``) is printed as ``<redacted>``, in every format
-and target. Code is not supposed to pass one (DESIGN.md, "Secrets"); this is
+and target. Code is not supposed to pass one (secrets never leave a session); this is
 the net under that rule.
 
 *User names.* With ``[log] usernames = no`` the ``user`` field prints as ``-``

@@ -642,7 +642,7 @@ class FrontendProtocol(Protocol):
             )
         backend_alive = self.links.backend_open or self.links.backend_connecting
         if self.watcher is not None and backend_alive and not self.closing:
-            # A login the client sent must be seen to its end (DESIGN.md): the
+            # A login the client sent must be seen to its end: the
             # backend logs the user in whether or not the client waits for
             # the answer. The watcher says when nothing is left in flight;
             # the pre-auth timer, still running, bounds the wait.
