@@ -17,7 +17,7 @@ import enum
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Generic, Protocol, TypeVar
+from typing import Any, ClassVar, Final, Generic, Protocol, TypeVar
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,6 +255,23 @@ def sasl_initial_response(text: bytes) -> bytes:
     if text != b"=" and not (text and is_base64(text)):
         raise CommandSyntaxError("Invalid SASL initial response")
     return text
+
+
+SASL_CANCEL: Final = b"*\r\n"
+
+
+def sasl_response(line: bytes, finder: SaslUserFinder) -> bytes:
+    """The line to send the backend for a client's SASL response line.
+
+    A base64 response is passed on (and shown to ``finder``); ``*`` cancels
+    (RFC 5034 4, RFC 9051 6.2.2), and so does anything else, which the
+    backend never sees.
+    """
+    text = command_text(line)
+    if text is None or text == b"*" or not is_base64(text):
+        return SASL_CANCEL
+    finder.response(text)
+    return text + b"\r\n"
 
 
 def _b64(text: bytes) -> bytes | None:

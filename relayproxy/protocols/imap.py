@@ -48,6 +48,7 @@ import re
 from dataclasses import dataclass, field
 
 from relayproxy.protocols.common import (
+    SASL_CANCEL,
     Action,
     ClientOrigin,
     Close,
@@ -65,8 +66,8 @@ from relayproxy.protocols.common import (
     ToServer,
     WatcherSettings,
     command_text,
-    is_base64,
     printable_name,
+    sasl_response,
     strip_eol,
 )
 from relayproxy.protocols.imap_syntax import (
@@ -369,15 +370,8 @@ class ImapWatcher(LoginWatcher[tuple[bytes, bytes]]):
     def _sasl_response(self, line: bytes) -> list[Action]:
         inflight = self._inflight
         assert inflight is not None and inflight.sasl is not None
-        text = command_text(line)
-        if text is not None and text != b"*" and is_base64(text):
-            inflight.sasl.response(text)
-            answer = text + b"\r\n"
-        else:
-            # "*" cancels (RFC 9051 6.2.2); so does anything that is not
-            # base64, which the backend never sees.
-            inflight.cancelled = True
-            answer = b"*\r\n"
+        answer = sasl_response(line, inflight.sasl)
+        inflight.cancelled = answer == SASL_CANCEL
         self._move(Event.CLIENT_RESPONSE)
         return [ToServer(answer)]
 
