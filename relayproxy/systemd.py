@@ -3,8 +3,7 @@
 Owns the notification datagrams a ``Type=notify`` service sends its
 manager: ``READY=1`` once every listener is bound and the store opened,
 ``RELOADING=1`` when a SIGHUP reload starts (``READY=1`` again when it is
-done), ``STOPPING=1`` at SIGTERM, and ``STATUS=`` free text for
-``systemctl status``. Never imports Twisted, so the daemon, a test or a
+done) and ``STOPPING=1`` at SIGTERM. Never imports Twisted, so the daemon, a test or a
 one-shot tool can use it alike.
 
 The protocol: ``$NOTIFY_SOCKET`` names a unix datagram socket, a path, or
@@ -81,8 +80,3 @@ def stopping(*, environ: Mapping[str, str] = os.environ) -> bool:
     """Shutdown has begun (SIGTERM): systemd shows "deactivating" meanwhile."""
     return notify("STOPPING=1", environ=environ)
 
-
-def status(text: str, *, environ: Mapping[str, str] = os.environ) -> bool:
-    """One line for ``systemctl status``; a newline would start a new assignment."""
-    line = " ".join(text.splitlines())
-    return notify(f"STATUS={line}", environ=environ)

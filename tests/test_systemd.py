@@ -74,7 +74,6 @@ def test_outside_systemd_every_call_is_a_no_op(environ: dict[str, str]) -> None:
     assert systemd.ready(environ=environ) is False
     assert systemd.reloading(environ=environ) is False
     assert systemd.stopping(environ=environ) is False
-    assert systemd.status("up", environ=environ) is False
 
 
 def test_ready_reaches_a_socket_path(notify_socket: tuple[socket.socket, dict[str, str]]) -> None:
@@ -105,12 +104,17 @@ def test_reloading_carries_the_monotonic_time_systemd_253_asks_for(
     assert before <= int(fields["MONOTONIC_USEC"]) <= after
 
 
-def test_a_status_stays_one_assignment(
-    notify_socket: tuple[socket.socket, dict[str, str]],
+def test_an_unreachable_notify_socket_is_logged_and_the_daemon_serves_on(
+    daemon: Daemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    sock, environ = notify_socket
-    systemd.status("reloading\nREADY=1", environ=environ)
-    assert datagram(sock) == {"STATUS": "reloading READY=1"}
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "no-such-socket"))
+    port = daemon.listener("pop3", protocol="pop3", backend="127.0.0.1:9")
+    daemon.start()
+    line = daemon.wait_for_log("systemd.error")
+    assert "No such file or directory" in line
+    assert line.split()[1] == "error"
+    socket.create_connection(("127.0.0.1", port), timeout=10).close()
+    assert daemon.process is not None and daemon.process.poll() is None
 
 
 @pytest.mark.skipif(shutil.which("systemd-notify") is None, reason="no systemd-notify")

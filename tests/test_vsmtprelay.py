@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from relayproxy import __version__
-from relayproxy.cli.vsmtprelay import main
+from relayproxy.cli.vsmtprelay import _store_settings, main
 from tests.conftest import DB_DUMP, DB_LOAD, Run, makemap, makemap_entries
 
 
@@ -235,3 +235,16 @@ def test_db_dump_and_db_load_round_trip_our_file(vsmtprelay: Run, db: Path) -> N
     assert (
         vsmtprelay("--db", str(loaded), "dump").stdout == vsmtprelay("--db", str(db), "dump").stdout
     )
+
+
+def test_db_beside_a_config_keeps_every_other_store_setting(tmp_path: Path) -> None:
+    ini = tmp_path / "relayproxy.ini"
+    ini.write_text(
+        "[store]\npath = /nowhere/relayers.db\nmode = 0640\nipv6_keys = both\n"
+        "min_interval = 5\nlock_timeout = 2\nsync_interval = 0\n"
+    )
+    settings = _store_settings(str(tmp_path / "other.db"), str(ini))
+    assert settings.path == str(tmp_path / "other.db")
+    assert (settings.mode, settings.min_interval, settings.lock_timeout) == (0o640, 5, 2.0)
+    assert settings.sync_interval == 0.0
+    assert settings.ipv6_keys.value == "both"

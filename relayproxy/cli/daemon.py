@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from twisted.internet import reactor
 from twisted.logger import Logger
@@ -132,20 +132,30 @@ def run(config: Config, tls: dict[str, ListenerTLS], path: str) -> int:
     service.open_spool()  # as the daemon's user: the files are its own
     service.startService()
     # Ready once every listener is bound (above) and the store was opened.
-    service.open_store().addCallback(lambda _: systemd.ready())
+    service.open_store().addCallback(lambda _: _tell_systemd(systemd.ready))
     reactor.addSystemEventTrigger("before", "shutdown", _stopping, service)
     reactor.run()
     return 0
 
 
+def _tell_systemd(notify: Callable[[], bool]) -> None:
+    """sd_notify, with a socket that cannot be reached logged instead of raised."""
+    try:
+        notify()
+    except OSError as exc:
+        # Under Type=notify systemd then never sees this state (a missed
+        # READY=1 ends in a start timeout): the log must say why.
+        log.error("systemd.error error={error}", error=exc.strerror or str(exc))
+
+
 def _stopping(service: RelayProxyService) -> object:
-    systemd.stopping()
+    _tell_systemd(systemd.stopping)
     return service.stopService()
 
 
 def _reload(service: RelayProxyService, path: str) -> None:
     """SIGHUP: the new file for new connections, or the old one and the reasons."""
-    systemd.reloading()
+    _tell_systemd(systemd.reloading)
     log.info("config.reload path={path}", path=path)
     try:
         config, tls = load(path)
@@ -153,7 +163,7 @@ def _reload(service: RelayProxyService, path: str) -> None:
         for problem in exc.problems:
             log.error("config.reload.failed problem={problem}", problem=problem)
         log.error("config.reload.kept reason={reason}", reason="the running configuration stays")
-        systemd.ready()
+        _tell_systemd(systemd.ready)
         return
     for section, old, new in (
         ("log", service.config.log, config.log),
@@ -169,7 +179,7 @@ def _reload(service: RelayProxyService, path: str) -> None:
         listeners=len(service.listening),
         problems=len(problems),
     )
-    systemd.ready()
+    _tell_systemd(systemd.ready)
 
 
 if __name__ == "__main__":

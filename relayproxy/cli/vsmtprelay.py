@@ -11,6 +11,7 @@ left in its spool are applied to it (``relayproxy.spool.apply_leftovers``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import os
 import stat
@@ -225,13 +226,7 @@ def _store_settings(db: str | None, config: str | None) -> StoreConfig:
         raise SystemExit(2) from None
     if db is None:
         return loaded
-    return StoreConfig(
-        path=db,
-        mode=loaded.mode,
-        group=loaded.group,
-        ipv6_keys=loaded.ipv6_keys,
-        lock_timeout=loaded.lock_timeout,
-    )
+    return dataclasses.replace(loaded, path=db)  # every other [store] setting kept
 
 
 def _path_problem(path: str) -> str | None:
