@@ -19,7 +19,7 @@ from relayproxy.protocols.common import (
     ToClient,
     WatcherSettings,
 )
-from relayproxy.protocols.imap import TRANSITIONS, ImapWatcher, State
+from relayproxy.protocols.imap import TRANSITIONS, Event, ImapWatcher, State
 from tests.watcher_dialogues import (
     Outcome,
     Step,
@@ -554,7 +554,8 @@ def test_server_literals_are_read_whole() -> None:
 
 
 def test_the_transition_table_reaches_every_state() -> None:
-    assert reachable_states(TRANSITIONS, State.GREETING) == set(State) - {State.CLOSED}
+    assert reachable_states(TRANSITIONS, State.GREETING) == set(State)
+    assert all(moves.get(Event.CLOSE) is State.CLOSED for moves in TRANSITIONS.values() if moves)
 
 
 def test_the_login_is_announced_before_the_client_hears_of_it() -> None:
@@ -563,3 +564,12 @@ def test_the_login_is_announced_before_the_client_hears_of_it() -> None:
     actions = w.server_data(b"rpx1 OK Logged in\r\n")
     # The glue makes the record durable on LoginSucceeded, before it writes the answer.
     assert actions == [LoginSucceeded("alice", "LOGIN"), ToClient(b"a OK Logged in\r\n"), Splice()]
+
+
+def test_a_response_is_held_whole_only_up_to_a_bound_however_many_literals() -> None:
+    many = b"* ID (" + b"".join(b'"k%d" {100}\r\n' % n + b"x" * 100 + b" " for n in range(1000))
+    out = run(
+        [("S", GREETING), ("C", b"a CAPABILITY\r\n"), ("S", many)], max_server_line_length=65536
+    )
+    assert out.closed
+    assert out.to_client.endswith(b"* BYE backend error\r\n")

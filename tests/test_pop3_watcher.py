@@ -18,7 +18,7 @@ from relayproxy.protocols.common import (
     ToClient,
     WatcherSettings,
 )
-from relayproxy.protocols.pop3 import TRANSITIONS, Pop3Watcher, State
+from relayproxy.protocols.pop3 import TRANSITIONS, Event, Pop3Watcher, State
 from tests.watcher_dialogues import (
     Outcome,
     Step,
@@ -430,7 +430,8 @@ def test_a_client_that_leaves_with_nothing_in_flight_closes_at_once() -> None:
 
 
 def test_the_transition_table_reaches_every_state() -> None:
-    assert reachable_states(TRANSITIONS, State.GREETING) == set(State) - {State.CLOSED}
+    assert reachable_states(TRANSITIONS, State.GREETING) == set(State)
+    assert all(moves.get(Event.CLOSE) is State.CLOSED for moves in TRANSITIONS.values() if moves)
 
 
 def test_the_login_is_announced_before_the_client_hears_of_it() -> None:
@@ -444,3 +445,10 @@ def test_the_login_is_announced_before_the_client_hears_of_it() -> None:
         ToClient(b"+OK Logged in.\r\n"),
         Splice(),
     ]
+
+
+def test_a_capability_list_is_held_whole_only_up_to_a_bound() -> None:
+    endless = b"+OK\r\n" + b"X-CAPABILITY\r\n" * 10000  # 140 KB, no end
+    out = run([("S", GREETING), ("C", b"CAPA\r\n"), ("S", endless)], max_server_line_length=65536)
+    assert out.closed
+    assert out.to_client == GREETING + b"-ERR backend error\r\n"

@@ -353,6 +353,7 @@ class LoginWatcher(Generic[Unit]):
     SPLICED: ClassVar[enum.Enum]
     CLOSED: ClassVar[enum.Enum]
     TLS_STARTED: ClassVar[enum.Enum]  # the event that ends CLIENT_TLS
+    CLOSE: ClassVar[enum.Enum]  # the event that leads to CLOSED, from any live state
     AWAITING_CLIENT: ClassVar[frozenset[Any]]  # states only the client can move on from
 
     def __init__(self, settings: WatcherSettings) -> None:
@@ -367,7 +368,7 @@ class LoginWatcher(Generic[Unit]):
 
     def client_data(self, data: bytes) -> list[Action]:
         if self.state is self.SPLICED:
-            return [ToServer(data)]
+            raise ProtocolViolationError("consulted after the splice")  # the glue relays now
         if self.state in (self.CLIENT_TLS, self.CLOSED) or self._client_gone:
             return []  # after STLS/STARTTLS: discarded, never carried into TLS
         self._client.feed(data)
@@ -375,7 +376,7 @@ class LoginWatcher(Generic[Unit]):
 
     def server_data(self, data: bytes) -> list[Action]:
         if self.state is self.SPLICED:
-            return [ToClient(data)]
+            raise ProtocolViolationError("consulted after the splice")  # the glue relays now
         if self.state is self.CLOSED:
             return []
         self._server.feed(data)
@@ -446,7 +447,7 @@ class LoginWatcher(Generic[Unit]):
             raise ProtocolViolationError(f"{event.value} in state {self.state.value}") from None
 
     def _close(self, reason: str, tell_client: str | None = None) -> list[Action]:
-        self.state = self.CLOSED
+        self._move(self.CLOSE)
         actions: list[Action] = []
         if tell_client is not None:
             actions.append(ToClient(self.refusal(tell_client)))

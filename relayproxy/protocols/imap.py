@@ -112,6 +112,7 @@ class Event(enum.Enum):
     TLS_STARTED = "client TLS started"
     DONE = "tagged completion"
     LOGIN_OK = "tagged OK to a login"
+    CLOSE = "session closed (limit, error, client gone)"
 
 
 TRANSITIONS: dict[State, dict[Event, State]] = {
@@ -146,6 +147,11 @@ TRANSITIONS: dict[State, dict[Event, State]] = {
     State.SPLICED: {},
     State.CLOSED: {},
 }
+# Any state can end the session: a limit, an error, the client gone (even as
+# its login succeeds: SPLICED, then CLOSED).
+for _state, _moves in TRANSITIONS.items():
+    if _state is not State.CLOSED:
+        _moves[Event.CLOSE] = State.CLOSED
 
 _READING_CLIENT = (State.READY, State.CLIENT_LITERAL, State.CLIENT_REST, State.SASL_CLIENT)
 _CAPABILITY_CODE = re.compile(rb"\[CAPABILITY ([^\]]*)\]", re.IGNORECASE)
@@ -183,13 +189,13 @@ class _InFlight:
 class ImapWatcher(LoginWatcher[tuple[bytes, bytes]]):
     """Sans-I/O IMAP login watcher; see the module docstring."""
 
-    protocol = "imap"
     TRANSITIONS = TRANSITIONS
     INITIAL = State.GREETING
     CLIENT_TLS = State.CLIENT_TLS
     SPLICED = State.SPLICED
     CLOSED = State.CLOSED
     TLS_STARTED = Event.TLS_STARTED
+    CLOSE = Event.CLOSE
     AWAITING_CLIENT = frozenset(
         {State.READY, State.CLIENT_LITERAL, State.CLIENT_REST, State.SASL_CLIENT, State.CLIENT_TLS}
     )
@@ -394,7 +400,8 @@ class ImapWatcher(LoginWatcher[tuple[bytes, bytes]]):
             self._server_response += line
             size = _server_literal(strip_eol(line))
             if size is not None:
-                if size > self.settings.max_server_line_length:
+                # One bound on the whole response, however many literals it has.
+                if len(self._server_response) + size > self.settings.max_server_line_length:
                     raise LineTooLongError
                 self._server_literal = size
                 continue

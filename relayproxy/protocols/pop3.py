@@ -94,6 +94,7 @@ class Event(enum.Enum):
     CONTINUATION = "'+ ' continuation"
     CLIENT_RESPONSE = "client SASL response"
     LOGIN_OK = "+OK to a login command"
+    CLOSE = "session closed (limit, error, client gone)"
 
 
 TRANSITIONS: dict[State, dict[Event, State]] = {
@@ -124,6 +125,11 @@ TRANSITIONS: dict[State, dict[Event, State]] = {
     State.SPLICED: {},
     State.CLOSED: {},
 }
+# Any state can end the session: a limit, an error, the client gone (even as
+# its login succeeds: SPLICED, then CLOSED).
+for _state, _moves in TRANSITIONS.items():
+    if _state is not State.CLOSED:
+        _moves[Event.CLOSE] = State.CLOSED
 
 _LOGIN_COMMANDS = frozenset({b"USER", b"PASS", b"APOP", b"AUTH"})
 _WITHOUT_ARGUMENT = frozenset({b"CAPA", b"QUIT", b"STLS"})
@@ -197,18 +203,19 @@ class _InFlight:
     sasl: SaslUserFinder | None = None
     cancelled: bool = False
     capa_lines: list[bytes] = field(default_factory=list)
+    capa_size: int = 0  # bounded by max_server_line_length: it is held whole
 
 
 class Pop3Watcher(LoginWatcher[bytes]):
     """Sans-I/O POP3 login watcher; see the module docstring."""
 
-    protocol = "pop3"
     TRANSITIONS = TRANSITIONS
     INITIAL = State.GREETING
     CLIENT_TLS = State.CLIENT_TLS
     SPLICED = State.SPLICED
     CLOSED = State.CLOSED
     TLS_STARTED = Event.TLS_STARTED
+    CLOSE = Event.CLOSE
     AWAITING_CLIENT = frozenset({State.READY, State.SASL_CLIENT, State.CLIENT_TLS})
 
     def __init__(self, settings: WatcherSettings) -> None:
@@ -338,6 +345,9 @@ class Pop3Watcher(LoginWatcher[bytes]):
         if strip_eol(line) != b".":
             if inflight.verb == b"CAPA":
                 inflight.capa_lines.append(line)
+                inflight.capa_size += len(line)
+                if inflight.capa_size > self.settings.max_server_line_length:
+                    return self._close("backend sent an overlong capability list", "backend error")
                 return []
             return [ToClient(line)]
         self._move(Event.END_OF_BODY)
