@@ -310,16 +310,10 @@ class RelayStore:
 
         def apply(database: Any) -> None:
             nonlocal removed
-            cursor = database.cursor()
-            try:
-                record = cursor.first()
-                while record is not None:
-                    if _is_expired(record[1], cutoff):
-                        cursor.delete()
-                        removed += 1
-                    record = cursor.next()
-            finally:
-                cursor.close()
+            for cursor, (_, value) in _records(database):
+                if _is_expired(value, cutoff):
+                    cursor.delete()
+                    removed += 1
 
         try:
             self._write(_encode_expire(cutoff), apply, create=False)
@@ -336,20 +330,16 @@ class RelayStore:
 
     def get(self, key: str) -> Entry | None:
         with self._reading() as database:
-            value = database.get(key.encode("ascii"))
+            value = None if database is None else database.get(key.encode("ascii"))
         return None if value is None else Entry(key.encode("ascii"), value)
 
     def entries(self) -> Iterator[Entry]:
         """Every entry in hash order, streamed; the shared lock is held until exhausted."""
         with self._reading() as database:
-            cursor = database.cursor()
-            try:
-                record = cursor.first()
-                while record is not None:
-                    yield Entry(record[0], record[1])
-                    record = cursor.next()
-            finally:
-                cursor.close()
+            if database is None:
+                return
+            for _, (key, value) in _records(database):
+                yield Entry(key, value)
 
     def sorted_entries(self, keep: Callable[[Entry], bool] = lambda e: True) -> Iterator[Entry]:
         """Kept entries sorted by address, in memory bounded by a chunk, not the file.
@@ -464,7 +454,8 @@ class RelayStore:
         return database
 
     @contextlib.contextmanager
-    def _reading(self) -> Iterator[Any]:
+    def _reading(self) -> Iterator[Any | None]:
+        """The database opened for reading under LOCK_SH, or None for an empty file."""
         lock_fd = self._open_lock_fd(fcntl.LOCK_SH, create=False)
         try:
             if not self._journal_clean() and self._may_repair():
@@ -478,7 +469,8 @@ class RelayStore:
                     self._notice(f"{exc}; reading it unrepaired")
                 lock_fd = self._open_lock_fd(fcntl.LOCK_SH, create=False)
             if os.fstat(lock_fd).st_size == 0:
-                yield _EmptyDatabase()
+                # What a zero-length file means (makemap interrupted): no entries.
+                yield None
                 return
             database = self._open_database(db.DB_RDONLY)
             try:
@@ -660,7 +652,7 @@ class RelayStore:
             pairs: Iterable[tuple[bytes, bytes]]
             if state is None:
                 database = self._open_database(db.DB_RDONLY)
-                pairs = _cursor_pairs(database)
+                pairs = (record for _, record in _records(database))
             else:
                 database = None
                 pairs = state.items()
@@ -693,36 +685,13 @@ class RelayStore:
             os.close(handle)
 
 
-class _EmptyDatabase:
-    """A zero-length file read as what it means: no entries (makemap was interrupted)."""
-
-    def get(self, key: bytes) -> None:
-        return None
-
-    def cursor(self) -> _EmptyCursor:
-        return _EmptyCursor()
-
-    def close(self) -> None:
-        pass
-
-
-class _EmptyCursor:
-    def first(self) -> None:
-        return None
-
-    def next(self) -> None:
-        return None
-
-    def close(self) -> None:
-        pass
-
-
-def _cursor_pairs(database: Any) -> Iterator[tuple[bytes, bytes]]:
+def _records(database: Any) -> Iterator[tuple[Any, tuple[bytes, bytes]]]:
+    """Every (key, value) in hash order, with the cursor on it (to delete it)."""
     cursor = database.cursor()
     try:
         record = cursor.first()
         while record is not None:
-            yield record
+            yield cursor, record
             record = cursor.next()
     finally:
         cursor.close()
