@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from relayproxy import mapfile
 from relayproxy import store as store_module
 from relayproxy.store import (
     Entry,
@@ -228,7 +229,7 @@ def _writer_child(path: Path, generation: int, ack_fd: int) -> None:
     # A cache far smaller than the file makes Berkeley DB write pages while a
     # batch is applied, as it does in production once relayers.db outgrows
     # the cache: that is when an unjournalled writer corrupts the file.
-    store_module._CACHE_BYTES = 32 * 1024
+    mapfile._CACHE_BYTES = 32 * 1024
     store = RelayStore(path)
     batch = 0
     while True:
@@ -271,7 +272,7 @@ def test_sigkill_at_random_moments_never_loses_an_acknowledged_batch(db_path: Pa
         os.waitpid(pid, 0)
         acks += _drain(read_fd)
         os.close(read_fd)
-        killed_mid_write += not RelayStore(db_path)._journal_clean()
+        killed_mid_write += not RelayStore(db_path).journal.clean()
         for line in acks.split():
             batch = int(line)
             for i in range(200):
@@ -309,4 +310,4 @@ def test_every_write_moves_the_mtime_to_a_later_second_for_sendmail(db_path: Pat
         seconds.append(db_path.stat().st_mtime_ns // 10**9)
     assert all(later > earlier for earlier, later in itertools.pairwise(seconds))
     # Bounded lead over the clock, however fast the writes come.
-    assert seconds[-1] <= time.time() + store_module._MTIME_MAX_LEAD
+    assert seconds[-1] <= time.time() + mapfile._MTIME_MAX_LEAD
