@@ -76,6 +76,7 @@ from relayproxy.protocols.imap_syntax import (
     WITHOUT_ARGUMENTS,
     ImapCommand,
     LiteralMarker,
+    ResponseReader,
     String,
     Token,
     head,
@@ -207,9 +208,7 @@ class ImapWatcher(LoginWatcher[tuple[bytes, bytes]]):
         self._tags = 0
         self._forward_id = forward_id
         self._greeting = b""
-        self._server_literal = 0  # bytes of a server literal still to pass
-        self._server_response = bytearray()  # a response being read, literals included
-        self._server_first = b""  # its first line (what decides its meaning)
+        self._responses = ResponseReader(self._server, settings.max_server_line_length)
 
     def refusal(self, reason: str) -> bytes:
         return b"* BYE " + reason.encode("ascii", "replace") + b"\r\n"
@@ -384,30 +383,7 @@ class ImapWatcher(LoginWatcher[tuple[bytes, bytes]]):
     # -- server side --
 
     def _read_server(self) -> tuple[bytes, bytes] | None:
-        """The next whole response (first line, all bytes), literals included."""
-        while True:
-            if self._server_literal:
-                chunk = self._server.take(self._server_literal)
-                if chunk is None:
-                    return None
-                self._server_response += chunk
-                self._server_literal = 0
-            line = self._server.next_line()
-            if line is None:
-                return None
-            if not self._server_response:
-                self._server_first = line
-            self._server_response += line
-            size = _server_literal(strip_eol(line))
-            if size is not None:
-                # One bound on the whole response, however many literals it has.
-                if len(self._server_response) + size > self.settings.max_server_line_length:
-                    raise LineTooLongError
-                self._server_literal = size
-                continue
-            whole = bytes(self._server_response)
-            self._server_response.clear()
-            return self._server_first, whole
+        return self._responses.next()
 
     def _on_server(self, response: tuple[bytes, bytes]) -> list[Action]:
         first, whole = response
@@ -422,7 +398,7 @@ class ImapWatcher(LoginWatcher[tuple[bytes, bytes]]):
         if text.startswith(b"* "):
             if inflight is not None and inflight.internal:
                 return []  # the answer to our own ID: not the client's business
-            return [ToClient(self._rewrite_capabilities(whole))]
+            return [ToClient(self._shown(whole))]
         tag, _, rest = text.partition(b" ")
         status = rest.split(b" ", 1)[0].upper()
         if inflight is None or tag != inflight.tag or status not in (b"OK", b"NO", b"BAD"):
@@ -437,7 +413,7 @@ class ImapWatcher(LoginWatcher[tuple[bytes, bytes]]):
             self._move(Event.LOGIN_OK)
             return self._logged_in(inflight.user, inflight.mechanism, answer)
         self._move(Event.DONE)
-        actions: list[Action] = [ToClient(self._rewrite_capabilities(answer))]
+        actions: list[Action] = [ToClient(self._shown(answer))]
         if inflight.mechanism is not None and not inflight.cancelled:
             actions.append(LoginFailed(inflight.user, inflight.mechanism))
         return actions
@@ -458,7 +434,7 @@ class ImapWatcher(LoginWatcher[tuple[bytes, bytes]]):
             self._greeting = _CAPABILITY_CODE_AND_SPACE.sub(b"", whole)
             return self._internal(b"STARTTLS")
         self._move(Event.GREETING)
-        return [ToClient(self._rewrite_capabilities(whole)), *self._send_id()]
+        return [ToClient(self._shown(whole)), *self._send_id()]
 
     def _after_preauth(self) -> list[Action]:
         if self._client_gone:
@@ -491,54 +467,38 @@ class ImapWatcher(LoginWatcher[tuple[bytes, bytes]]):
         )
         return self._internal(b"ID (" + fields.encode("ascii") + b")")
 
-    # -- capabilities --
-
-    def _rewrite_capabilities(self, response: bytes) -> bytes:
-        upper = response[:14].upper()
-        if upper.startswith(b"* CAPABILITY "):
-            eol = response[len(response.rstrip(b"\r\n")) :]
-            listed = strip_eol(response)[len(b"* CAPABILITY ") :]
-            return b"* CAPABILITY " + self._capabilities(listed) + eol
-        return _CAPABILITY_CODE.sub(
-            lambda match: b"[CAPABILITY " + self._capabilities(match.group(1)) + b"]", response
+    def _shown(self, response: bytes) -> bytes:
+        """``response`` with its capability lists as the proxy offers them."""
+        return rewrite_capabilities(
+            response, offers_tls=self._offers_tls(), hide_logins=self._tls_required_now()
         )
 
-    def _capabilities(self, listed: bytes) -> bytes:
-        hide_logins = self._tls_required_now()
-        shown = []
-        for name in listed.split():
-            upper = name.upper()
-            # The backend's STARTTLS is the proxy's to offer, or not.
-            if upper == b"STARTTLS" or (hide_logins and upper.startswith(b"AUTH=")):
-                continue
-            shown.append(name)
-        if self._offers_tls():
-            shown.append(b"STARTTLS")
-        if hide_logins and b"LOGINDISABLED" not in (name.upper() for name in shown):
-            shown.append(b"LOGINDISABLED")
-        return b" ".join(shown)
+
+def rewrite_capabilities(response: bytes, *, offers_tls: bool, hide_logins: bool) -> bytes:
+    """Every capability list in a response (``* CAPABILITY``, ``[CAPABILITY ...]``) rewritten."""
+    upper = response[:14].upper()
+    if upper.startswith(b"* CAPABILITY "):
+        eol = response[len(response.rstrip(b"\r\n")) :]
+        listed = strip_eol(response)[len(b"* CAPABILITY ") :]
+        return b"* CAPABILITY " + _capabilities(listed, offers_tls, hide_logins) + eol
+    return _CAPABILITY_CODE.sub(
+        lambda match: (
+            b"[CAPABILITY " + _capabilities(match.group(1), offers_tls, hide_logins) + b"]"
+        ),
+        response,
+    )
 
 
-_SERVER_LITERAL = re.compile(rb"\{([0-9]{1,10})\}$")
-
-
-def _server_literal(text: bytes) -> int | None:
-    """The size of the literal a server line announces at its end, if any.
-
-    A server quotes strings it could not send as atoms, so a ``{n}`` inside
-    quotes is skipped by counting the quotes (with their escapes) before it.
-    """
-    marker = _SERVER_LITERAL.search(text)
-    if marker is None:
-        return None
-    inside = False
-    i = 0
-    while i < marker.start():
-        char = text[i : i + 1]
-        if char == b"\\" and inside:
-            i += 2
+def _capabilities(listed: bytes, offers_tls: bool, hide_logins: bool) -> bytes:
+    shown = []
+    for name in listed.split():
+        upper = name.upper()
+        # The backend's STARTTLS is the proxy's to offer, or not.
+        if upper == b"STARTTLS" or (hide_logins and upper.startswith(b"AUTH=")):
             continue
-        if char == b'"':
-            inside = not inside
-        i += 1
-    return None if inside else int(marker.group(1))
+        shown.append(name)
+    if offers_tls:
+        shown.append(b"STARTTLS")
+    if hide_logins and b"LOGINDISABLED" not in (name.upper() for name in shown):
+        shown.append(b"LOGINDISABLED")
+    return b" ".join(shown)

@@ -22,9 +22,12 @@ from dataclasses import dataclass
 
 from relayproxy.protocols.common import (
     CommandSyntaxError,
+    LineBuffer,
+    LineTooLongError,
     has_control_bytes,
     sasl_initial_response,
     sasl_mechanism,
+    strip_eol,
 )
 
 
@@ -198,3 +201,70 @@ def _check_id(arguments: list[Token]) -> None:
             isinstance(value, String) or (isinstance(value, Atom) and value.value.upper() == b"NIL")
         ):
             raise CommandSyntaxError("ID fields are strings, values strings or NIL")
+
+
+class ResponseReader:
+    """Whole server responses: the first line, and all bytes with their literals.
+
+    A server line ending in ``{n}`` is followed by ``n`` bytes of literal and
+    the rest of the response, so a literal's bytes are never taken for a
+    response of their own. One bound (``limit``) holds for the whole
+    response, however many literals it has.
+    """
+
+    def __init__(self, buffer: LineBuffer, limit: int) -> None:
+        self._buffer = buffer
+        self._limit = limit
+        self._literal = 0  # bytes of a literal still to read
+        self._response = bytearray()
+        self._first = b""  # the first line: what decides the response's meaning
+
+    def next(self) -> tuple[bytes, bytes] | None:
+        """The next whole response, or None until it has arrived."""
+        while True:
+            if self._literal:
+                chunk = self._buffer.take(self._literal)
+                if chunk is None:
+                    return None
+                self._response += chunk
+                self._literal = 0
+            line = self._buffer.next_line()
+            if line is None:
+                return None
+            if not self._response:
+                self._first = line
+            self._response += line
+            size = server_literal(strip_eol(line))
+            if size is not None:
+                if len(self._response) + size > self._limit:
+                    raise LineTooLongError
+                self._literal = size
+                continue
+            whole = bytes(self._response)
+            self._response.clear()
+            return self._first, whole
+
+
+_SERVER_LITERAL = re.compile(rb"\{([0-9]{1,10})\}$")
+
+
+def server_literal(text: bytes) -> int | None:
+    """The size of the literal a server line announces at its end, if any.
+
+    A server quotes strings it could not send as atoms, so a ``{n}`` inside
+    quotes is skipped by counting the quotes (with their escapes) before it.
+    """
+    marker = _SERVER_LITERAL.search(text)
+    if marker is None:
+        return None
+    inside = False
+    i = 0
+    while i < marker.start():
+        char = text[i : i + 1]
+        if char == b"\\" and inside:
+            i += 2
+            continue
+        if char == b'"':
+            inside = not inside
+        i += 1
+    return None if inside else int(marker.group(1))
