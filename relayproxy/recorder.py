@@ -74,12 +74,12 @@ class Recorder:
         run_sync_in_thread: RunInThread[Any] | None = None,
     ) -> None:
         self.store = store
-        self.spool = spool
-        self._sync_interval = sync_interval
-        self._run_sync = run_sync_in_thread or run_in_thread
-        self._sync_timer: IDelayedCall | None = None
-        self._unsynced = False
-        self._spool_failing = False
+        self.spooler = Spooler(
+            spool,
+            reactor=reactor,
+            sync_interval=sync_interval,
+            run_sync_in_thread=run_sync_in_thread or run_in_thread,
+        )
         self._retired_spools: list[Spool] = []
         self._reactor = reactor
         self._run_in_thread = run_in_thread
@@ -114,7 +114,7 @@ class Recorder:
             return RECENT
         for key in keys:
             self._pending[key] = int(now)
-            self._spool_append(key, int(now))
+            self.spooler.append(key, int(now))
         self._schedule()
         return QUEUED
 
@@ -137,42 +137,11 @@ class Recorder:
         self.store = store
         if self.spool is not None and self.spool.is_open:
             self._retired_spools.append(self.spool)
-        self.spool = spool
+        self.spooler.spool = spool
 
-    def _spool_append(self, key: str, seconds: int) -> None:
-        if self.spool is None or not self.spool.is_open:
-            return
-        try:
-            self.spool.append(key, seconds)
-            if self._sync_interval <= 0:
-                self.spool.sync()
-        except SpoolError as exc:
-            if not self._spool_failing:
-                self.log.error(
-                    "spool.error error={error} (logins stay queued in memory only)",
-                    error=str(exc),
-                )
-            self._spool_failing = True
-            return
-        if self._spool_failing:
-            self.log.info("spool.recovered path={path}", path=self.spool.paths[0])
-        self._spool_failing = False
-        self._unsynced = True
-        if self._sync_interval > 0 and self._sync_timer is None:
-            self._sync_timer = self._reactor.callLater(self._sync_interval, self._sync)
-
-    def _sync(self) -> None:
-        self._sync_timer = None
-        spool = self.spool
-        if spool is None or not self._unsynced or not spool.is_open:
-            return
-        self._unsynced = False
-        synced = self._run_sync(spool.sync)
-        synced.addErrback(
-            lambda failure: self.log.error(
-                "spool.error error={error}", error=failure.getErrorMessage()
-            )
-        )
+    @property
+    def spool(self) -> Spool | None:
+        return self.spooler.spool
 
     def reconfigure(
         self, *, ipv6_keys: IPv6KeyStyle, exclude: Sequence[Network], min_interval: float
@@ -296,3 +265,65 @@ class Recorder:
         if not self._pending:
             return succeed(None)
         return self._write()
+
+
+class Spooler:
+    """The reactor's side of the spool: one append per login, a group sync per interval.
+
+    The sync runs in a thread of its own (``run_sync_in_thread``), not the
+    store's: it must not wait behind a batch stuck on a lock.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        spool: Spool | None,
+        *,
+        reactor: IReactorTime,
+        sync_interval: float,
+        run_sync_in_thread: RunInThread[Any],
+    ) -> None:
+        self.spool = spool
+        self._reactor = reactor
+        self._sync_interval = sync_interval
+        self._run_sync = run_sync_in_thread
+        self._sync_timer: IDelayedCall | None = None
+        self._unsynced = False
+        self._spool_failing = False
+
+    def append(self, key: str, seconds: int) -> None:
+        """One login on disk before the client hears of it (reactor thread); errors logged."""
+        if self.spool is None or not self.spool.is_open:
+            return
+        try:
+            self.spool.append(key, seconds)
+            if self._sync_interval <= 0:
+                self.spool.sync()
+        except SpoolError as exc:
+            if not self._spool_failing:
+                self.log.error(
+                    "spool.error error={error} (logins stay queued in memory only)",
+                    error=str(exc),
+                )
+            self._spool_failing = True
+            return
+        if self._spool_failing:
+            self.log.info("spool.recovered path={path}", path=self.spool.paths[0])
+        self._spool_failing = False
+        self._unsynced = True
+        if self._sync_interval > 0 and self._sync_timer is None:
+            self._sync_timer = self._reactor.callLater(self._sync_interval, self._sync)
+
+    def _sync(self) -> None:
+        self._sync_timer = None
+        spool = self.spool
+        if spool is None or not self._unsynced or not spool.is_open:
+            return
+        self._unsynced = False
+        synced = self._run_sync(spool.sync)
+        synced.addErrback(
+            lambda failure: self.log.error(
+                "spool.error error={error}", error=failure.getErrorMessage()
+            )
+        )
