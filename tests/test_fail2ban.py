@@ -1,15 +1,14 @@
 """fail2ban's own fail2ban-regex and fail2ban-client on config/fail2ban/.
 
 The log lines are relayproxy's: rendered by ``logs.format_text_line`` from
-the very format strings ``proxy.py`` logs with (read from its source, so a
-changed field order shows up here), and written by a real daemon in front
+the very format strings the sessions log with (``session_log.SESSION_EVENTS``,
+so a changed field order shows up here), and written by a real daemon in front
 of a real Dovecot. User names are hostile: a user name must never be able
 to choose the address that gets banned.
 """
 
 from __future__ import annotations
 
-import ast
 import base64
 import imaplib
 import os
@@ -25,8 +24,8 @@ import pytest
 from twisted.logger import LogLevel
 
 from demo.dovecot import Dovecot
-from relayproxy import proxy
 from relayproxy.logs import format_text_line
+from relayproxy.session_log import SESSION_EVENTS
 from tests.daemon import Daemon
 from tests.test_pop3_proxy import POP3From
 
@@ -59,21 +58,12 @@ CLIENTS = ["192.0.2.7", "2001:db8::1", "198.51.100.20", "2001:db8::ff"]
 
 
 def _logged_formats() -> dict[str, tuple[LogLevel, str]]:
-    """``event name -> (level, format)`` of each ``log.<level>("login....")`` in proxy.py."""
-    tree = ast.parse(Path(proxy.__file__).read_text())
-    found: dict[str, tuple[LogLevel, str]] = {}
-    for node in ast.walk(tree):
-        if (
-            isinstance(node, ast.Call)
-            and isinstance(node.func, ast.Attribute)
-            and node.args
-            and isinstance(node.args[0], ast.Constant)
-            and isinstance(node.args[0].value, str)
-            and node.args[0].value.startswith("login.")
-        ):
-            text = node.args[0].value
-            found[text.split()[0]] = (LogLevel.levelWithName(node.func.attr), text)
-    return found
+    """``event name -> (level, format)`` of each ``login.`` event, as a session logs it.
+
+    ``relayproxy.session_log`` logs a session's events only from its table,
+    so a changed field order there shows up here.
+    """
+    return {name: event for name, event in SESSION_EVENTS.items() if name.startswith("login.")}
 
 
 FORMATS = _logged_formats()
@@ -161,7 +151,7 @@ def write(path: Path, lines: list[str]) -> Path:
     return path
 
 
-def test_format_strings_were_found_in_proxy_py() -> None:
+def test_the_session_log_formats_were_found() -> None:
     assert set(FORMATS) >= {"login.failure", "login.success"}
     assert FORMATS["login.failure"][1].startswith("login.failure client={client} user={user} ")
 
