@@ -79,4 +79,3 @@ def reloading(*, environ: Mapping[str, str] = os.environ) -> bool:
 def stopping(*, environ: Mapping[str, str] = os.environ) -> bool:
     """Shutdown has begun (SIGTERM): systemd shows "deactivating" meanwhile."""
     return notify("STOPPING=1", environ=environ)
-

@@ -1,4 +1,4 @@
-"""relayproxy.logs: the exact lines operators, fail2ban and journald get."""
+"""relayproxy.logs: the exact lines operators, fail2ban, syslog and journald get."""
 
 from __future__ import annotations
 
@@ -8,10 +8,13 @@ import io
 import json
 import os
 import re
+import shutil
 import socket
 import stat
 import struct
-import syslog
+import subprocess
+import sys
+import threading
 import types
 import warnings
 from collections.abc import Iterator
@@ -30,10 +33,10 @@ from twisted.logger import (
     globalLogPublisher,
 )
 from twisted.python import log as legacy_log
+from twisted.python.failure import Failure
 
 from relayproxy.config import LogConfig
 from relayproxy.logs import (
-    LogObserver,
     format_json_line,
     format_text_line,
     make_observer,
@@ -177,7 +180,7 @@ def test_login_failure_line_is_what_a_fail2ban_filter_matches() -> None:
         ("/var/lib/relayproxy/relayers.db", "/var/lib/relayproxy/relayers.db"),
         ("a+b-c_d.e", "a+b-c_d.e"),
         ("", '""'),
-        ("-", '"-"'),
+        ("-", "-"),
         ("a b", '"a b"'),
         ("a=b", '"a=b"'),
         ('say "hi"', '"say \\"hi\\""'),
@@ -299,6 +302,15 @@ def test_usernames_no_hides_the_user_in_text_and_json() -> None:
     assert "user" not in document
     assert "alice" not in json.dumps(document)
     assert document["message"].startswith("login.success client=192.0.2.7 user=- ")
+
+
+def test_an_unknown_user_and_a_hidden_one_read_the_same() -> None:
+    """The proxy logs ``-`` for a user it never learnt; ``usernames = no`` hides as ``-``."""
+    unknown = observe(LogConfig(), login_success("-"))
+    hidden = observe(LogConfig(usernames=False), login_success("alice"))
+    assert unknown == hidden
+    assert " user=- " in unknown
+    assert parse_line(unknown[:-1])[3]["user"] == "-"
 
 
 def test_secret_fields_are_redacted_in_every_format() -> None:
@@ -443,73 +455,98 @@ def test_start_logging_routes_twisted_events_and_warnings(tmp_path: Path) -> Non
     assert parse_line(lines[1])[3]["text"] == "/x.py:3: builtins.DeprecationWarning: old API"
 
 
+def start_logging_at(level: str, path: Path) -> tuple[LogPublisher, Any]:
+    """``start_logging`` on a private publisher, as the daemon starts it on the global one."""
+    publisher = LogPublisher()
+    warnings_module = types.SimpleNamespace(showwarning=warnings.showwarning)
+    beginner = LogBeginner(publisher, io.StringIO(), types.SimpleNamespace(), warnings_module)
+    config = LogConfig(target=f"file:{path}", level=level)
+    return publisher, start_logging(config, beginner=beginner)
+
+
+def twisted_chatter_and_an_error(publisher: LogPublisher) -> None:
+    """What a reactor logs on its own: a port starting (legacy), a factory, an error."""
+    legacy = legacy_log.LogPublisher(publisher, publisher)  # as twisted.python.log's
+    legacy.msg("ProxyFactory starting on 11110")
+    Logger(observer=publisher, namespace="twisted.internet.protocol.Factory").info(
+        "Starting factory {factory!r}", factory="<ProxyFactory>"
+    )
+    Logger(observer=publisher, namespace="relayproxy.proxy").info(
+        LOGIN_SUCCESS, **{k: v for k, v in login_success().items() if k[:4] != "log_"}
+    )
+    # what twisted.python.log.err sends (on the global publisher)
+    legacy.msg(failure=Failure(ValueError("boom")), why="while testing", isError=1)
+
+
+def test_twisted_info_chatter_is_left_out_at_level_info(tmp_path: Path) -> None:
+    path = tmp_path / "relayproxy.log"
+    publisher, observer = start_logging_at("info", path)
+    try:
+        twisted_chatter_and_an_error(publisher)
+    finally:
+        observer.close()
+    text = path.read_text()
+    assert "starting on" not in text
+    assert "Starting factory" not in text
+    lines = [parse_line(line)[1:3] for line in text.splitlines()]
+    assert lines == [
+        ("info", "login.success"),
+        ("critical", "log.message"),
+        ("debug", "log.traceback"),
+    ]
+
+
+def test_twisted_info_chatter_shows_at_level_debug(tmp_path: Path) -> None:
+    path = tmp_path / "relayproxy.log"
+    publisher, observer = start_logging_at("debug", path)
+    try:
+        twisted_chatter_and_an_error(publisher)
+    finally:
+        observer.close()
+    texts = [parse_line(line)[3].get("text") for line in path.read_text().splitlines()]
+    assert texts[:2] == ["ProxyFactory starting on 11110", "Starting factory '<ProxyFactory>'"]
+
+
 # --- targets ---------------------------------------------------------------------
 
 
-def test_file_target_reopens_at_the_original_path_after_rotation(tmp_path: Path) -> None:
+def user_of_each_line(path: Path) -> list[str]:
+    return [parse_line(line)[3]["user"] for line in path.read_text().splitlines()]
+
+
+def test_file_target_reopens_at_the_path_by_itself_after_rotation(tmp_path: Path) -> None:
     path = tmp_path / "relayproxy.log"
     observer = make_observer(LogConfig(target=f"file:{path}"))
-    assert isinstance(observer, LogObserver)
     try:
         observer(login_success("first"))
-        path.rename(tmp_path / "relayproxy.log.1")
+        path.rename(tmp_path / "relayproxy.log.1")  # logrotate, no signal (yet)
         observer(login_success("second"))
-        observer.reopen()
-        observer(login_success("third"))
     finally:
         observer.close()
-    rotated = (tmp_path / "relayproxy.log.1").read_text().splitlines()
-    current = path.read_text().splitlines()
-    assert [parse_line(line)[3]["user"] for line in rotated] == ["first", "second"]
-    assert [parse_line(line)[3]["user"] for line in current] == ["third"]
+    assert user_of_each_line(tmp_path / "relayproxy.log.1") == ["first"]
+    assert user_of_each_line(path) == ["second"]
     assert stat.S_IMODE(path.stat().st_mode) & 0o007 == 0
 
 
-def test_reopen_never_waits_for_a_write_in_progress(tmp_path: Path) -> None:
-    """As from a signal handler that interrupted a write: reopen at the next write."""
+def test_a_path_that_cannot_be_reopened_is_reported_and_the_file_comes_back(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = tmp_path / "relayproxy.log"
     observer = make_observer(LogConfig(target=f"file:{path}"))
-    sink = observer._sink
-    original = sink.emit
     try:
         observer(login_success("first"))
         path.rename(tmp_path / "relayproxy.log.1")
-
-        def emit_interrupted_by_sigusr1(rendered: Any) -> None:
-            observer.reopen()  # the signal lands mid-write: nothing is swapped now
-            assert not path.exists()
-            original(rendered)
-
-        sink.emit = emit_interrupted_by_sigusr1  # type: ignore[method-assign]
-        observer(login_success("second"))
-        sink.emit = original  # type: ignore[method-assign]
+        path.mkdir()  # in the way of the new file
+        observer(login_success("second"))  # must not raise into Twisted's publisher
+        path.rmdir()
         observer(login_success("third"))
     finally:
         observer.close()
-    old = (tmp_path / "relayproxy.log.1").read_text().splitlines()
-    assert [parse_line(line)[3]["user"] for line in old] == ["first", "second"]
-    assert [parse_line(line)[3]["user"] for line in path.read_text().splitlines()] == ["third"]
-
-
-def test_failed_reopen_keeps_the_old_file_and_says_so(tmp_path: Path) -> None:
-    path = tmp_path / "relayproxy.log"
-    observer = make_observer(LogConfig(target=f"file:{path}"))
-    try:
-        observer(login_success("first"))
-        path.rename(tmp_path / "relayproxy.log.1")
-        path.mkdir()
-        observer.reopen()
-        observer(login_success("second"))
-    finally:
-        observer.close()
-    lines = (tmp_path / "relayproxy.log.1").read_text().splitlines()
-    assert [parse_line(line)[1:3] for line in lines] == [
-        ("info", "login.success"),
-        ("error", "log.reopen_failed"),
-        ("info", "login.success"),
-    ]
-    assert parse_line(lines[1])[3]["path"] == str(path)
-    assert parse_line(lines[1])[3]["error"].startswith("IsADirectoryError")
+    report = capsys.readouterr().err  # the stdlib's handleError: the error and the line
+    assert "IsADirectoryError" in report
+    assert "user=second" in report
+    assert user_of_each_line(tmp_path / "relayproxy.log.1") == ["first"]
+    assert user_of_each_line(path) == ["third"]
 
 
 def test_file_target_appends(tmp_path: Path) -> None:
@@ -520,6 +557,146 @@ def test_file_target_appends(tmp_path: Path) -> None:
     observer.close()
     assert path.read_text().splitlines()[0] == "earlier line"
     assert len(path.read_text().splitlines()) == 2
+
+
+def test_lines_from_two_threads_stay_whole(tmp_path: Path) -> None:
+    """The store's worker thread logs beside the reactor."""
+    path = tmp_path / "relayproxy.log"
+    observer = make_observer(LogConfig(target=f"file:{path}"))
+
+    def log_many(user: str) -> None:
+        for _ in range(500):
+            observer(login_success(user))
+
+    threads = [threading.Thread(target=log_many, args=(user,)) for user in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    observer.close()
+    assert sorted(user_of_each_line(path)) == ["a"] * 500 + ["b"] * 500
+
+
+def test_a_line_logged_in_the_middle_of_a_line_is_written_not_deadlocked() -> None:
+    """Twisted's SIGTERM handler logs; the signal can land while a line is being written."""
+
+    class InterruptedStream(io.StringIO):
+        interrupt: Any = None
+
+        def write(self, text: str) -> int:
+            written = super().write(text)
+            if self.interrupt is not None:
+                interrupt, self.interrupt = self.interrupt, None
+                interrupt(login_success(log_format="signal.received name={name}", name="TERM"))
+            return written
+
+    stream = InterruptedStream()
+    observer = make_observer(LogConfig(), stream=stream)
+    stream.interrupt = observer
+    first = login_success(log_format="first.event a={a}", a="1")
+    writer = threading.Thread(target=observer, args=(first,), daemon=True)
+    writer.start()
+    writer.join(timeout=30)
+    assert not writer.is_alive(), "the nested line waits for the outer one: deadlock"
+    names = [line.split()[2] for line in stream.getvalue().splitlines()]
+    assert names == ["first.event", "signal.received"]
+
+
+@pytest.fixture
+def syslog_socket(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
+    path = str(tmp_path / "log")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(path)
+    server.setblocking(False)
+    try:
+        yield server, path
+    finally:
+        server.close()
+
+
+def received(server: socket.socket) -> list[bytes]:
+    """Every datagram already sent: a local datagram is queued by the time send returns."""
+    datagrams = []
+    while True:
+        try:
+            datagrams.append(server.recv(1 << 20))
+        except BlockingIOError:
+            return datagrams
+
+
+def test_syslog_target_sends_mail_facility_and_priority_by_level(
+    syslog_socket: tuple[socket.socket, str],
+) -> None:
+    server, path = syslog_socket
+    observer = make_observer(LogConfig(target="syslog"), syslog_socket=path)
+    levels = [LogLevel.debug, LogLevel.info, LogLevel.warn, LogLevel.error, LogLevel.critical]
+    for level in levels:
+        observer(login_success(log_level=level, password=SECRET))
+    observer.close()
+    body = "login.success client=192.0.2.7 user=alice mechanism=PLAIN listener=pop3 record=queued"
+    ident = f"relayproxy[{os.getpid()}]: "
+    # LOG_MAIL (2) * 8 + the priority: debug 7, info 6, warning 4, err 3, crit 2
+    assert received(server) == [
+        f"<{16 + priority}>{ident}{level.name} {body}".encode()
+        for level, priority in zip(levels, (7, 6, 4, 3, 2), strict=True)
+    ]
+
+
+def test_syslog_gets_a_failure_and_then_its_traceback_as_two_messages(
+    syslog_socket: tuple[socket.socket, str],
+) -> None:
+    server, path = syslog_socket
+    log = Logger(observer=make_observer(LogConfig(target="syslog"), syslog_socket=path))
+    try:
+        raise OSError("disk full")
+    except OSError:
+        log.failure("store.error path={path}", path="/db", level=LogLevel.error)
+    failure, traceback = (message.decode() for message in received(server))
+    assert failure.endswith(': error store.error path=/db error="OSError: disk full"')
+    assert failure.startswith("<19>relayproxy[")
+    assert traceback.startswith("<23>relayproxy[")
+    assert ": debug log.traceback event=store.error traceback=" in traceback
+    assert "\n" not in traceback
+
+
+def test_syslog_falls_back_to_stderr_once_when_the_socket_is_missing(tmp_path: Path) -> None:
+    missing = str(tmp_path / "no-log")
+    stderr = io.StringIO()
+    observer = make_observer(LogConfig(target="syslog"), stream=stderr, syslog_socket=missing)
+    observer(login_success("first"))
+    observer(login_success("second"))
+    lines = stderr.getvalue().splitlines()
+    _, level, name, fields = parse_line(lines[0])
+    assert (level, name, fields["socket"]) == ("warn", "log.syslog_unavailable", missing)
+    assert [parse_line(line)[3]["user"] for line in lines[1:]] == ["first", "second"]
+
+
+# journald: libsystemd always sends to /run/systemd/journal/socket, so these tests
+# log from a child process whose /run/systemd/journal is a directory of the test's.
+ROOT = Path(__file__).resolve().parent.parent
+_JOURNAL_MOUNT = (
+    "mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/journal && "
+    'mount --bind "$0" /run/systemd/journal && exec "$@"'
+)
+
+
+def log_to_journald(directory: Path, config: LogConfig, code: str) -> str:
+    """Run ``code`` with ``observer`` (and this module's names) in the child; its stderr."""
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare (util-linux)")
+    script = f"from tests.test_logs import *\nobserver = make_observer({config!r})\n{code}\n"
+    argv = ["unshare", "--mount", "sh", "-c", _JOURNAL_MOUNT, str(directory), sys.executable]
+    result = subprocess.run(
+        [*argv, "-c", script + "observer.close()"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    if result.returncode != 0 and "unshare:" in result.stderr:
+        pytest.skip(f"no mount namespace for a private journal socket: {result.stderr}")
+    assert result.returncode == 0, result.stderr
+    return result.stderr
 
 
 def parse_journal(datagram: bytes) -> dict[str, bytes]:
@@ -545,29 +722,27 @@ def parse_journal(datagram: bytes) -> dict[str, bytes]:
 
 
 @pytest.fixture
-def journal_socket(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
-    path = str(tmp_path / "journal.sock")
+def journal_socket(tmp_path: Path) -> Iterator[tuple[socket.socket, Path]]:
+    directory = tmp_path / "journal"
+    directory.mkdir()
     server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    server.bind(path)
-    server.settimeout(10)
+    server.bind(str(directory / "socket"))
+    server.setblocking(False)
     try:
-        yield server, path
+        yield server, directory
     finally:
         server.close()
 
 
 def test_journald_target_sends_native_fields(
-    journal_socket: tuple[socket.socket, str],
+    journal_socket: tuple[socket.socket, Path],
 ) -> None:
-    server, path = journal_socket
-    stderr = io.StringIO()
-    observer = make_observer(
-        LogConfig(target="journald", usernames=True), stream=stderr, journal_socket=path
-    )
-    observer(login_success("alice\nrecord=recorded", password=SECRET))
-    observer.close()
-    fields = parse_journal(server.recv(1 << 20))
-    assert fields == {
+    server, directory = journal_socket
+    config = LogConfig(target="journald", usernames=True)
+    code = "observer(login_success('alice\\nrecord=recorded', password=SECRET))"
+    assert log_to_journald(directory, config, code) == ""
+    [datagram] = received(server)
+    assert parse_journal(datagram) == {
         "MESSAGE": b'info login.success client=192.0.2.7 user="alice\\nrecord=recorded" '
         b"mechanism=PLAIN listener=pop3 record=queued",
         "PRIORITY": b"6",
@@ -581,23 +756,33 @@ def test_journald_target_sends_native_fields(
         "RELAYPROXY_RECORD": b"queued",
         "RELAYPROXY_PASSWORD": b"<redacted>",
     }
-    assert stderr.getvalue() == ""
+
+
+def test_journald_message_is_the_text_body_in_the_json_format_too(
+    journal_socket: tuple[socket.socket, Path],
+) -> None:
+    """journalctl shows MESSAGE; the fields already carry what JSON would."""
+    server, directory = journal_socket
+    config = LogConfig(target="journald", format="json")
+    log_to_journald(directory, config, "observer(login_success())")
+    [datagram] = received(server)
+    assert parse_journal(datagram)["MESSAGE"].startswith(b"info login.success client=192.0.2.7 ")
 
 
 def test_journald_failure_priority_and_traceback(
-    journal_socket: tuple[socket.socket, str],
+    journal_socket: tuple[socket.socket, Path],
 ) -> None:
-    server, path = journal_socket
-    observer = make_observer(
-        LogConfig(target="journald", usernames=False), stream=io.StringIO(), journal_socket=path
-    )
-    log = Logger(observer=observer)
-    try:
-        raise ConnectionRefusedError("backend down")
-    except ConnectionRefusedError:
-        log.failure("backend.unreachable client={client} user={user}", client="::1", user="bob")
-    observer.close()
-    fields = parse_journal(server.recv(1 << 20))
+    server, directory = journal_socket
+    code = """
+log = Logger(observer=observer)
+try:
+    raise ConnectionRefusedError("backend down")
+except ConnectionRefusedError:
+    log.failure("backend.unreachable client={client} user={user}", client="::1", user="bob")
+"""
+    log_to_journald(directory, LogConfig(target="journald", usernames=False), code)
+    [datagram] = received(server)  # the traceback is a field, not an entry of its own
+    fields = parse_journal(datagram)
     assert fields["PRIORITY"] == b"2"
     assert fields["MESSAGE"] == (
         b"critical backend.unreachable client=::1 user=- "
@@ -608,14 +793,13 @@ def test_journald_failure_priority_and_traceback(
     assert fields["RELAYPROXY_TRACEBACK"].startswith(b"Traceback (most recent call last):\n")
 
 
-def test_journald_sends_an_oversized_entry_as_a_sealed_memfd(
-    journal_socket: tuple[socket.socket, str],
+def test_journald_gets_an_oversized_entry_as_a_sealed_memfd(
+    journal_socket: tuple[socket.socket, Path],
 ) -> None:
-    server, path = journal_socket
-    observer = make_observer(LogConfig(target="journald"), journal_socket=path)
-    big = "x" * (8 << 20)
-    observer(login_success(detail=big))
-    observer.close()
+    """Past the socket's datagram limit libsystemd passes the entry in a sealed memfd."""
+    server, directory = journal_socket
+    code = "observer(login_success(detail='x' * (8 << 20)))"
+    assert log_to_journald(directory, LogConfig(target="journald"), code) == ""
     data, ancillary, _, _ = server.recvmsg(16, socket.CMSG_SPACE(4))
     assert data == b""
     [(level, kind, payload)] = ancillary
@@ -627,82 +811,27 @@ def test_journald_sends_an_oversized_entry_as_a_sealed_memfd(
             os.pwrite(fd, b"changed", 0)
     finally:
         os.close(fd)
-    assert fields["RELAYPROXY_DETAIL"] == big.encode()
+    assert fields["RELAYPROXY_DETAIL"] == b"x" * (8 << 20)
     assert fields["RELAYPROXY_USER"] == b"alice"
 
 
 def test_journald_falls_back_to_stderr_once_when_the_socket_is_missing(tmp_path: Path) -> None:
-    missing = str(tmp_path / "no-journal.sock")
-    stderr = io.StringIO()
-    observer = make_observer(LogConfig(target="journald"), stream=stderr, journal_socket=missing)
-    observer(login_success("first"))
-    observer(login_success("second"))
-    lines = stderr.getvalue().splitlines()
+    code = "observer(login_success('first'))\nobserver(login_success('second'))"
+    stderr = log_to_journald(tmp_path, LogConfig(target="journald"), code)
+    lines = stderr.splitlines()
     assert len(lines) == 3
     _, level, name, fields = parse_line(lines[0])
     assert (level, name) == ("warn", "log.journald_unavailable")
-    assert fields["socket"] == missing
+    assert fields["socket"] == "/run/systemd/journal/socket"
     assert [parse_line(line)[3]["user"] for line in lines[1:]] == ["first", "second"]
 
 
-def test_journald_falls_back_once_when_journald_goes_away(
-    journal_socket: tuple[socket.socket, str],
+def test_journald_refusing_an_entry_is_reported_on_stderr_with_the_line(
+    journal_socket: tuple[socket.socket, Path],
 ) -> None:
-    server, path = journal_socket
-    stderr = io.StringIO()
-    observer = make_observer(LogConfig(target="journald"), stream=stderr, journal_socket=path)
-    observer(login_success("first"))
-    assert parse_journal(server.recv(1 << 20))["RELAYPROXY_USER"] == b"first"
-    os.unlink(path)
-    observer(login_success("second"))
-    observer(login_success("third"))
-    lines = stderr.getvalue().splitlines()
-    assert [parse_line(line)[2] for line in lines] == [
-        "log.journald_unavailable",
-        "login.success",
-        "login.success",
-    ]
-    assert parse_line(lines[0])[3]["error"].startswith("FileNotFoundError")
-
-
-def test_syslog_priority_mapping_with_mocked_syslog(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[tuple[str, tuple[Any, ...]]] = []
-    monkeypatch.setattr(syslog, "openlog", lambda *args: calls.append(("openlog", args)))
-    monkeypatch.setattr(syslog, "syslog", lambda *args: calls.append(("syslog", args)))
-    monkeypatch.setattr(syslog, "closelog", lambda *args: calls.append(("closelog", args)))
-    observer = make_observer(LogConfig(target="syslog"))
-    levels = [LogLevel.debug, LogLevel.info, LogLevel.warn, LogLevel.error, LogLevel.critical]
-    for level in levels:
-        observer(login_success(log_level=level, password=SECRET))
-    observer.close()
-    body = "login.success client=192.0.2.7 user=alice mechanism=PLAIN listener=pop3 record=queued"
-    assert calls == [
-        ("openlog", ("relayproxy", syslog.LOG_PID, syslog.LOG_MAIL)),
-        ("syslog", (syslog.LOG_MAIL | syslog.LOG_DEBUG, f"debug {body}")),
-        ("syslog", (syslog.LOG_MAIL | syslog.LOG_INFO, f"info {body}")),
-        ("syslog", (syslog.LOG_MAIL | syslog.LOG_WARNING, f"warn {body}")),
-        ("syslog", (syslog.LOG_MAIL | syslog.LOG_ERR, f"error {body}")),
-        ("syslog", (syslog.LOG_MAIL | syslog.LOG_CRIT, f"critical {body}")),
-        ("closelog", ()),
-    ]
-
-
-def test_an_event_logged_from_inside_an_emit_is_written_not_deadlocked(tmp_path: Path) -> None:
-    """Twisted's SIGTERM handler logs; a signal can land while a line is being written."""
-    target = tmp_path / "reentrant.log"
-    observer = make_observer(LogConfig(target=f"file:{target}"))
-    sink = observer._sink
-    original = sink.emit
-    nested_once: list[bool] = []
-
-    def emit_then_signal(rendered: object) -> None:
-        original(rendered)  # type: ignore[arg-type]
-        if not nested_once:
-            nested_once.append(True)
-            observer(login_success(log_format="signal.received name={name}", name="TERM"))
-
-    sink.emit = emit_then_signal  # type: ignore[method-assign]
-    observer(login_success(log_format="first.event a={a}", a="1"))
-    observer.reopen()  # not under an emit: reopens at once
-    lines = target.read_text().splitlines()
-    assert [line.split()[2] for line in lines] == ["first.event", "signal.received"]
+    server, directory = journal_socket
+    server.close()  # the socket file stays, nothing reads it: ECONNREFUSED
+    code = "observer(login_success('first'))"
+    report = log_to_journald(directory, LogConfig(target="journald"), code)
+    assert "ConnectionRefusedError" in report
+    assert "login.success client=192.0.2.7 user=first" in report
