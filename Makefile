@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := libdb5.3-dev db5.3-util sendmail-bin dovecot-core dovecot-pop3d dovecot-imapd \
 	curl openssl python3-venv gcc systemd man-db groff-base fail2ban logrotate \
-	sendmail-cf m4 iproute2 util-linux mount
+	sendmail-cf m4 iproute2 util-linux mount prometheus haproxy libsystemd-dev pkg-config
 STAMP := $(VENV)/.installed
 
 .PHONY: test run check lint typecheck unit system-deps venv bench fuzz clean
@@ -48,6 +48,7 @@ unit: venv
 bench: venv
 	$(PY) bench/store.py
 	$(PY) bench/logins.py
+	$(PY) bench/memory.py
 	$(PY) bench/durability.py
 
 # Issue 9: generated POP3/IMAP dialogues through relayproxy to a real Dovecot; prints counts

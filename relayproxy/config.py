@@ -78,6 +78,11 @@ class DaemonConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    listen: HostPort | None = None  # no [metrics] section: no metrics server
+
+
+@dataclass(frozen=True)
 class ListenerConfig:
     name: str
     protocol: str
@@ -108,6 +113,7 @@ class Config:
     record: RecordConfig = field(default_factory=RecordConfig)
     log: LogConfig = field(default_factory=LogConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     listeners: tuple[ListenerConfig, ...] = ()
 
 
@@ -260,6 +266,7 @@ _DAEMON_KEYS: Parsers = {
     "allow_root": parse_bool,
     "shutdown_timeout": _seconds,
 }
+_METRICS_KEYS: Parsers = {"listen": _host_port}
 _LISTENER_KEYS: Parsers = {
     "protocol": _choice("pop3", "imap"),
     "listen": _host_port,
@@ -340,6 +347,7 @@ def parse_config(text: str, source: str) -> Config:
     record: dict[str, Any] = {}
     log: dict[str, Any] = {}
     daemon: dict[str, Any] = {}
+    metrics: dict[str, Any] = {}
     listeners: list[ListenerConfig] = []
     for name in parser.sections():
         raw = dict(parser.items(name))
@@ -351,15 +359,22 @@ def parse_config(text: str, source: str) -> Config:
             log = reader.section(name, raw, _LOG_KEYS)
         elif name == "daemon":
             daemon = reader.section(name, raw, _DAEMON_KEYS)
+        elif name == "metrics":
+            metrics = reader.section(name, raw, _METRICS_KEYS)
+            if "listen" not in raw:
+                reader.problem(name, "listen", "missing (the section serves nothing without it)")
         elif name.startswith("listener:") and name[len("listener:") :]:
             listener = _listener(reader, name, raw)
             if listener is not None:
                 listeners.append(listener)
         else:
             reader.problem(
-                name, None, "unknown section (known: store, record, log, daemon, listener:NAME)"
+                name,
+                None,
+                "unknown section (known: store, record, log, daemon, metrics, listener:NAME)",
             )
     _check_listeners(reader, listeners)
+    _check_metrics(reader, metrics.get("listen"), listeners)
     if reader.problems:
         raise ConfigError(reader.problems)
     return Config(
@@ -368,6 +383,7 @@ def parse_config(text: str, source: str) -> Config:
         record=RecordConfig(**record),
         log=LogConfig(**log),
         daemon=DaemonConfig(**daemon),
+        metrics=MetricsConfig(**metrics),
         listeners=tuple(listeners),
     )
 
@@ -408,6 +424,14 @@ def _check_listeners(reader: _Reader, listeners: list[ListenerConfig]) -> None:
                 "listen",
                 f"{listener.listen} is also [listener:{other}]",
             )
+
+
+def _check_metrics(
+    reader: _Reader, listen: HostPort | None, listeners: list[ListenerConfig]
+) -> None:
+    for listener in listeners:
+        if listener.listen == listen:
+            reader.problem("metrics", "listen", f"{listen} is also [listener:{listener.name}]")
 
 
 def find_config_path(explicit: str | None) -> str | None:

@@ -19,8 +19,9 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from relayproxy.config import Config, ListenerConfig
+from relayproxy.config import Config, HostPort, ListenerConfig
 from relayproxy.descriptors import SessionBudget
+from relayproxy.metrics import Metrics, SessionView
 from relayproxy.protocols.common import ClientOrigin, TLSMode, Watcher, WatcherSettings
 from relayproxy.protocols.imap import ImapWatcher
 from relayproxy.protocols.pop3 import Pop3Watcher
@@ -120,6 +121,7 @@ class RelayProxyService(Service):
         self._tls = tls
         self.listening: dict[str, _Listening] = {}
         self.retired: list[ListenerRuntime] = []  # replaced runtimes with sessions left
+        self.metrics: Metrics | None = None  # [metrics] listen: bound by listen()
 
     @property
     def store(self) -> RelayStore:
@@ -172,6 +174,25 @@ class RelayProxyService(Service):
                 self.listening = {}
                 raise
             self.listening[listener.name] = bound
+        if self.config.metrics.listen is not None:
+            self._listen_metrics(self.config.metrics.listen)
+
+    def _listen_metrics(self, address: HostPort) -> None:
+        view = SessionView(
+            pending=lambda: self.recorder.pending,
+            sessions=self.open_sessions,
+            listeners=lambda: [listener.name for listener in self.config.listeners],
+        )
+        metrics = Metrics(lambda: self.config, view)
+        try:
+            metrics.listen(self.reactor, address)
+        except CannotListenError as exc:
+            for already in self.listening.values():
+                already.port.stopListening()
+            self.listening = {}
+            raise ListenError(f"[metrics] listen {address}: {exc.socketError}") from None
+        log.info("metrics.ready address={address}", address=str(address))
+        self.metrics = metrics
 
     # -- reload --
 
@@ -276,6 +297,21 @@ class RelayProxyService(Service):
         except StoreMissingError:
             log.info("store.absent path={path} (created at the first login)", path=self.store.path)
 
+    def open_sessions(self) -> list[tuple[str, bool]]:
+        """``(listener, in_login)`` of every open session, for the metrics scrape.
+
+        The scrape runs on a worker thread while the reactor adds and removes
+        sessions: each container is copied (``list()`` of a dict or set is one
+        step under the GIL) before it is walked.
+        """
+        runtimes = [bound.factory.runtime for bound in list(self.listening.values())]
+        runtimes += list(self.retired)
+        return [
+            (runtime.config.name, session.in_login)
+            for runtime in runtimes
+            for session in list(runtime.sessions)
+        ]
+
     def sessions_in_login(self) -> int:
         runtimes = [bound.factory.runtime for bound in self.listening.values()] + self.retired
         return sum(1 for runtime in runtimes for session in runtime.sessions if session.in_login)
@@ -320,4 +356,6 @@ class RelayProxyService(Service):
                 entries=pending,
             )
         self.pool.stop()
+        if self.metrics is not None:
+            self.metrics.stop()  # after the last write, so that its store.batch is counted
         return result

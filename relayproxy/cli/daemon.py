@@ -102,7 +102,7 @@ def run(config: Config, tls: dict[str, ListenerTLS], path: str) -> int:
     except ListenError as exc:
         return _fail([str(exc)], 1)
     try:
-        observer = start_logging(config.log)  # the log file is opened before the switch
+        start_logging(config.log)  # the log file is opened before the switch
     except OSError as exc:
         return _fail([f"{config.source}: [log] target: {config.log.target}: {exc.strerror}"], 1)
     if identity is not None:
@@ -123,8 +123,13 @@ def run(config: Config, tls: dict[str, ListenerTLS], path: str) -> int:
             hard=descriptors.hard,
             sessions=descriptors.sessions,
         )
-    # logrotate renames the file, then sends SIGUSR1 (config/logrotate.d).
-    signal.signal(signal.SIGUSR1, lambda signum, frame: observer.reopen())
+    # logrotate renames the file, then sends SIGUSR1 (config/logrotate.d). The file
+    # target reopens at the path before its next line by itself: this one, logged now,
+    # lets go of the renamed file. From the reactor: a signal can land mid-line.
+    signal.signal(
+        signal.SIGUSR1,
+        lambda signum, frame: reactor.callFromThread(log.info, "log.reopened signal=USR1"),  # type: ignore[attr-defined]
+    )
     signal.signal(
         signal.SIGHUP,
         lambda signum, frame: reactor.callFromThread(_reload, service, path),  # type: ignore[attr-defined]
@@ -168,6 +173,7 @@ def _reload(service: RelayProxyService, path: str) -> None:
     for section, old, new in (
         ("log", service.config.log, config.log),
         ("daemon", service.config.daemon, config.daemon),
+        ("metrics", service.config.metrics, config.metrics),  # bound once, before the switch
     ):
         if old != new:
             log.warn("config.reload.restart_needed section={section}", section=section)
