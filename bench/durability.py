@@ -22,7 +22,9 @@ either side), so every login is a new record: with one address the recorder
 coalesces and the spool is never written. Logins are sequential (one client)
 in interleaved rounds (baseline, spool, then spool, baseline, ...) so that
 machine noise falls on both sides alike. A login is: connect, greeting,
-USER/PASS (POP3) or LOGIN (IMAP), QUIT/LOGOUT, close.
+USER/PASS (POP3) or LOGIN (IMAP), QUIT/LOGOUT, close. The client, the
+daemons' configuration, start and stop, and the CPU readings are those of
+`bench/harness.py`.
 
 Figures per protocol and side: daemon CPU per login, user and system, from
 /proc/PID/stat (utime and stime over all the rounds plus a settling pause
@@ -40,7 +42,8 @@ not, or when the benchmark itself fails; 0 otherwise, goals missed or not
 
     .venv/bin/python bench/durability.py [--protocols pop3,imap] [--logins N]
                                          [--round-size N] [--quick]
-                                         [--baseline REV] [--appends N] [--dir DIR]
+                                         [--baseline REV] [--spool REV]
+                                         [--appends N] [--dir DIR]
 """
 
 from __future__ import annotations
@@ -48,360 +51,96 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import itertools
+import functools
 import math
 import os
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py, next to this file
+from harness import (
+    LOGIN,
+    ROOT,
+    Addresses,
+    BenchError,
+    Figures,
+    LoginFailed,
+    Relayproxy,
+    attempt,
+    git,
+    git_head,
+    run_in_temporary,
+    start_relayproxy,
+)
+
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # for demo/, which is not an installed package
 
-from demo.dovecot import DEMO_USERS, running_dovecot  # noqa: E402
-from relayproxy.spool import SPOOL_SUFFIXES, Spool  # noqa: E402
-from relayproxy.store import RelayStore  # noqa: E402
+from demo.dovecot import DEMO_USERS, running_dovecot
+from relayproxy.spool import SPOOL_SUFFIXES, Spool
 
-HOST = "127.0.0.1"
 PROTOCOLS = ("pop3", "imap")
 SIDES = ("baseline", "spool")
+BACKEND = "dovecot"
 CPU_RATIO_GOAL = 1.03
 ADDED_LATENCY_GOAL_MS = 0.1
-LOGIN_TIMEOUT = 10.0
-START_TIMEOUT = 20.0
-STOP_TIMEOUT = 60.0
 WARMUP_LOGINS = 20
 # The recorder writes a batch at most every second ([store] batch_interval) and the spool
 # is synced every second (sync_interval): wait that long before and after the rounds so
 # that the CPU of the last batch is counted, and the warm-up's is not.
 SETTLE_SECONDS = 2.0
 SPOOL_ADDED_IN = "relayproxy/spool.py"
+# The bare login, nothing after it but QUIT/LOGOUT (no STAT, no SELECT).
+LOGIN_ONLY = {protocol: functools.partial(login, browse=False) for protocol, login in LOGIN.items()}
 
 
-class BenchError(Exception):
-    """The benchmark cannot run or went wrong; the message says why."""
-
-
-class LoginFailed(BenchError):
-    """A server answered something other than success; the message quotes it."""
-
-
-# --- source addresses ----------------------------------------------------------------------
-
-
-class Addresses:
-    """127.a.b.c, a >= 1 and b, c in 1..254: each handed out once per run."""
-
-    def __init__(self) -> None:
-        self._numbers = itertools.count()
-
-    def next(self) -> str:
-        n = next(self._numbers)
-        a, rest = divmod(n, 254 * 254)
-        b, c = divmod(rest, 254)
-        if a >= 254:
-            raise BenchError("out of 127/8 source addresses")
-        return f"127.{a + 1}.{b + 1}.{c + 1}"
-
-
-# --- the client: exact protocol lines over asyncio streams ---------------------------------
-
-
-async def _connect(port: int, source: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    try:
-        return await asyncio.wait_for(
-            asyncio.open_connection(HOST, port, local_addr=(source, 0)), LOGIN_TIMEOUT
-        )
-    except TimeoutError:
-        raise LoginFailed(f"connect: no answer within {LOGIN_TIMEOUT:g} s") from None
-
-
-async def _line(reader: asyncio.StreamReader, what: str) -> bytes:
-    try:
-        line = await asyncio.wait_for(reader.readline(), LOGIN_TIMEOUT)
-    except TimeoutError:
-        raise LoginFailed(f"{what}: no answer within {LOGIN_TIMEOUT:g} s") from None
-    if not line.endswith(b"\n"):
-        raise LoginFailed(f"{what}: connection closed ({line!r})")
-    return line
-
-
-async def _expect(reader: asyncio.StreamReader, what: str, prefix: bytes) -> None:
-    line = await _line(reader, what)
-    if not line.startswith(prefix):
-        raise LoginFailed(f"{what}: {line!r}")
-
-
-async def _tagged(reader: asyncio.StreamReader, tag: bytes, what: str) -> bytes:
-    """Read lines until the one tagged `tag` (untagged lines in between are skipped)."""
-    while True:
-        line = await _line(reader, what)
-        if line.startswith(tag + b" "):
-            return line
-
-
-async def _close(writer: asyncio.StreamWriter) -> None:
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-
-
-async def pop3_login(port: int, source: str, user: str, password: str) -> float:
-    """One POP3 login from `source`; seconds from connect to the `+OK` of PASS."""
-    started = time.perf_counter()
-    reader, writer = await _connect(port, source)
-    try:
-        await _expect(reader, "greeting", b"+OK")
-        writer.write(b"USER %s\r\n" % user.encode())
-        await _expect(reader, "USER", b"+OK")
-        writer.write(b"PASS %s\r\n" % password.encode())
-        reply = await _line(reader, "PASS")
-        latency = time.perf_counter() - started
-        if not reply.startswith(b"+OK Logged in"):
-            raise LoginFailed(f"PASS: {reply!r}")
-        writer.write(b"QUIT\r\n")
-        await _expect(reader, "QUIT", b"+OK")
-        return latency
-    finally:
-        await _close(writer)
-
-
-async def imap_login(port: int, source: str, user: str, password: str) -> float:
-    """One IMAP login from `source`; seconds from connect to the tagged OK of LOGIN."""
-    started = time.perf_counter()
-    reader, writer = await _connect(port, source)
-    try:
-        await _expect(reader, "greeting", b"* OK")
-        writer.write(b'a1 LOGIN "%s" "%s"\r\n' % (user.encode(), password.encode()))
-        reply = await _tagged(reader, b"a1", "LOGIN")
-        latency = time.perf_counter() - started
-        if not reply.startswith(b"a1 OK"):
-            raise LoginFailed(f"LOGIN: {reply!r}")
-        writer.write(b"a2 LOGOUT\r\n")
-        reply = await _tagged(reader, b"a2", "LOGOUT")
-        if not reply.startswith(b"a2 OK"):
-            raise LoginFailed(f"LOGOUT: {reply!r}")
-        return latency
-    finally:
-        await _close(writer)
-
-
-LOGIN: dict[str, Callable[[int, str, str, str], Awaitable[float]]] = {
-    "pop3": pop3_login,
-    "imap": imap_login,
-}
-
-
-# --- the daemons ---------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind((HOST, 0))
-        return int(probe.getsockname()[1])
-
-
-@dataclass
-class Daemon:
-    """One relayproxy daemon run from `tree` (cwd and PYTHONPATH) with this Python."""
-
-    name: str
-    tree: Path
-    directory: Path
-    backends: dict[str, int]  # protocol -> Dovecot's plain port
-    ports: dict[str, int] = field(default_factory=dict)
-    process: subprocess.Popen[bytes] | None = None
-    sources: list[str] = field(default_factory=list)  # every address that logged in
-    output_path: Path | None = None
-
-    @property
-    def db(self) -> Path:
-        return self.directory / "relayers.db"
-
-    @property
-    def log(self) -> Path:
-        return self.directory / "relayproxy.log"
-
-    def config_text(self) -> str:
-        lines = ["[store]", f"path = {self.db}", "min_interval = 0", ""]
-        lines += ["[log]", f"target = file:{self.log}", ""]
-        lines += ["[daemon]", "allow_root = yes", ""]
-        for protocol, backend in self.backends.items():
-            self.ports[protocol] = free_port()
-            lines += [
-                f"[listener:{protocol}]",
-                f"protocol = {protocol}",
-                f"listen = {HOST}:{self.ports[protocol]}",
-                f"backend = {HOST}:{backend}",
-                "",
-            ]
-        return "\n".join(lines)
-
-    def start(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        config = self.directory / "relayproxy.ini"
-        config.write_text(self.config_text())
-        self.output_path = self.directory / "output.txt"
-        environment = dict(os.environ, PYTHONPATH=str(self.tree))
-        with self.output_path.open("wb") as output:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "relayproxy.cli.daemon", "--config", str(config)],
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                cwd=self.tree,
-                env=environment,
-            )
-
-    def wait_listening(self, deadline: float) -> None:
-        for port in self.ports.values():
-            while not self._accepts(port):
-                if time.monotonic() > deadline:
-                    raise BenchError(f"{self.name}: relayproxy did not listen in time")
-                time.sleep(0.02)
-
-    def _accepts(self, port: int) -> bool:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            raise BenchError(
-                f"{self.name}: relayproxy exited {self.process.returncode} at start:\n"
-                f"{self.output()}{self.log_tail()}"
-            )
-        try:
-            socket.create_connection((HOST, port), timeout=1).close()
-        except OSError:
-            return False
-        return True
-
-    def output(self) -> str:
-        if self.output_path is None:
-            return ""
-        with contextlib.suppress(OSError):
-            return self.output_path.read_text(errors="replace")
-        return ""
-
-    def log_tail(self, lines: int = 10) -> str:
-        try:
-            text = self.log.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def cpu_ticks(self) -> tuple[int, int]:
-        """(utime, stime) of the whole process so far, in clock ticks (/proc/PID/stat)."""
-        assert self.process is not None
-        try:
-            stat = Path(f"/proc/{self.process.pid}/stat").read_text()
-        except OSError as exc:
-            raise BenchError(f"{self.name}: cannot read its CPU time: {exc}") from None
-        fields = stat.rsplit(")", 1)[1].split()
-        return int(fields[11]), int(fields[12])
-
-    def stop(self) -> int | None:
-        """SIGTERM (the daemon drains its queue); its exit status, None if never started."""
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-            raise BenchError(f"{self.name}: did not stop within {STOP_TIMEOUT:g} s") from None
-
-    def missing_records(self) -> list[str]:
-        """The addresses that logged in and are not in relayers.db."""
-        stored = {entry.key.decode("ascii", "replace") for entry in RelayStore(self.db).entries()}
-        return [source for source in self.sources if source not in stored]
-
-    def spool_files(self) -> list[str]:
-        return [
-            str(self.db) + suffix
-            for suffix in SPOOL_SUFFIXES
-            if Path(f"{self.db}{suffix}").exists()
-        ]
+def spool_files(daemon: Relayproxy) -> list[str]:
+    return [
+        str(daemon.db) + suffix
+        for suffix in SPOOL_SUFFIXES
+        if Path(f"{daemon.db}{suffix}").exists()
+    ]
 
 
 # --- figures -------------------------------------------------------------------------------
 
 
 @dataclass
-class Side:
-    logins: int = 0
-    seconds: float = 0.0
-    latencies: list[float] = field(default_factory=list)
+class Side(Figures):
+    """One side's figures over a protocol's rounds, and each round's median latency."""
+
     round_medians: list[float] = field(default_factory=list)
-    user_ticks: int = 0
-    system_ticks: int = 0
-
-    @property
-    def rate(self) -> float:
-        return self.logins / self.seconds if self.seconds else 0.0
-
-    @property
-    def median_ms(self) -> float:
-        return 1000 * statistics.median(self.latencies)
-
-    def quantile_ms(self, q: float) -> float:
-        ordered = sorted(self.latencies)
-        return 1000 * ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
-
-    def _us_per_login(self, ticks: int) -> float:
-        return 1e6 * ticks / os.sysconf("SC_CLK_TCK") / self.logins if self.logins else 0.0
-
-    @property
-    def user_us(self) -> float:
-        return self._us_per_login(self.user_ticks)
-
-    @property
-    def system_us(self) -> float:
-        return self._us_per_login(self.system_ticks)
-
-    @property
-    def cpu_us(self) -> float:
-        return self._us_per_login(self.user_ticks + self.system_ticks)
 
 
 Results = dict[str, dict[str, Side]]  # protocol -> side name -> figures
 
 
 async def login_round(
-    daemon: Daemon, protocol: str, count: int, addresses: Addresses, side: Side | None
+    daemon: Relayproxy, protocol: str, count: int, addresses: Addresses, side: Side | None
 ) -> None:
     """`count` sequential logins to `daemon`, each from a new address; figures into `side`."""
-    login = LOGIN[protocol]
+    login = LOGIN_ONLY[protocol]
+    port = daemon.ports[BACKEND, protocol]
     latencies: list[float] = []
     started = time.perf_counter()
     for n in range(count):
         user = DEMO_USERS[n % len(DEMO_USERS)]
         source = addresses.next()
-        try:
-            latencies.append(await login(daemon.ports[protocol], source, user.name, user.password))
-        except (LoginFailed, OSError) as exc:
-            raise LoginFailed(
-                f"{daemon.name} {protocol} port {daemon.ports[protocol]}, from {source},"
-                f" login {n + 1} of {count}: {exc}"
-            ) from None
-        daemon.sources.append(source)
+        with attempt(daemon, source, f"{protocol} port {port}, login {n + 1} of {count},"):
+            latencies.append(await login(port, source, user.name, user.password))
     elapsed = time.perf_counter() - started
     if side is not None:
-        side.logins += count
-        side.seconds += elapsed
-        side.latencies += latencies
+        side.add(Figures(count, elapsed, latencies))
         side.round_medians.append(statistics.median(latencies))
 
 
 async def measure(
-    daemons: Sequence[Daemon], protocols: Sequence[str], options: argparse.Namespace
+    daemons: Sequence[Relayproxy], protocols: Sequence[str], options: argparse.Namespace
 ) -> Results:
     addresses = Addresses()
     results: Results = {}
@@ -509,13 +248,6 @@ def report(results: Results, append: AppendCost) -> None:
 # --- revisions -----------------------------------------------------------------------------
 
 
-def git(*args: str) -> str:
-    done = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise BenchError(f"git {' '.join(args)}: {done.stderr.strip()}")
-    return done.stdout.strip()
-
-
 def resolve_baseline(revision: str | None) -> str:
     """`revision` as a commit id; by default the parent of the commit that added the spool."""
     if revision is None:
@@ -586,17 +318,13 @@ def parse_options(argv: Sequence[str] | None) -> argparse.Namespace:
     return options
 
 
-def run(options: argparse.Namespace, directory: Path) -> tuple[Results, AppendCost, bool] | None:
-    """Everything that needs the temporary directory: figures and whether the checks
-    passed, or None when a login failed."""
+def run(options: argparse.Namespace, directory: Path) -> bool:
+    """Everything that needs the temporary directory, and the report; whether the checks
+    passed (false when a login failed)."""
     baseline = resolve_baseline(options.baseline)
     print(f"baseline: {git('log', '-1', '--format=%h %s', baseline)}")
     if options.spool is None:
-        dirty = git("status", "--porcelain", "--", "relayproxy")
-        print(
-            f"spool:    work tree at {git('log', '-1', '--format=%h %s', 'HEAD')}"
-            + (" + uncommitted changes in relayproxy/" if dirty else "")
-        )
+        print(f"spool:    work tree at {git_head()}")
     else:
         spool_revision = git("rev-parse", "--verify", "--quiet", f"{options.spool}^{{commit}}")
         print(f"spool:    {git('log', '-1', '--format=%h %s', spool_revision)}")
@@ -615,24 +343,20 @@ def run(options: argparse.Namespace, directory: Path) -> tuple[Results, AppendCo
         has_spool = (spool_tree / SPOOL_ADDED_IN).exists()
         (directory / "dovecot").mkdir()
         with running_dovecot(directory / "dovecot") as dovecot:
-            backends = {p: getattr(dovecot.ports, p) for p in options.protocols}
-            daemons = [
-                Daemon("baseline", tree, directory / "baseline", backends),
-                Daemon("spool", spool_tree, directory / "spool", backends),
-            ]
+            backends = {(BACKEND, p): getattr(dovecot.ports, p) for p in options.protocols}
+            daemons: list[Relayproxy] = []
             try:
-                for daemon in daemons:
-                    daemon.start()
-                deadline = time.monotonic() + START_TIMEOUT
-                for daemon in daemons:
-                    daemon.wait_listening(deadline)
+                for name, side_tree in (("baseline", tree), ("spool", spool_tree)):
+                    daemons.append(
+                        start_relayproxy(directory / name, backends, tree=side_tree, name=name)
+                    )
                 try:
                     results = asyncio.run(measure(daemons, options.protocols, options))
                 except LoginFailed as exc:
                     print(f"FAILED: {exc}")
                     for daemon in daemons:
                         print(f"last lines of the {daemon.name} log:\n{daemon.log_tail()}")
-                    return None
+                    return False
             finally:
                 statuses = {daemon.name: daemon.stop() for daemon in daemons}
     ok = True
@@ -642,36 +366,27 @@ def run(options: argparse.Namespace, directory: Path) -> tuple[Results, AppendCo
         print(
             f"{daemon.name}: exit status {statuses[daemon.name]};"
             f" {len(daemon.sources) - len(missing)} of {len(daemon.sources)} addresses in"
-            f" relayers.db; spool files {'present' if daemon.spool_files() else 'none'};"
+            f" relayers.db; spool files {'present' if spool_files(daemon) else 'none'};"
             f" spool.error lines {spool_errors}"
         )
         if missing:
             print(f"  MISSING from {daemon.db}: {', '.join(missing[:10])}")
         ok = ok and not missing and statuses[daemon.name] == 0
-    spool_failed = not daemons[1].spool_files() or "spool.error" in daemons[1].log.read_text()
+    spool_failed = not spool_files(daemons[1]) or "spool.error" in daemons[1].log.read_text()
     if has_spool and spool_failed:
         print("FAILED: the spool side ran without a working spool; the comparison is void")
         ok = False
     print()
-    return results, append, ok
+    report(results, append)
+    return ok
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     options = parse_options(argv)
     started = time.perf_counter()
-    try:
-        with tempfile.TemporaryDirectory(prefix="bench-durability-", dir=options.dir) as temp:
-            outcome = run(options, Path(temp))
-    except BenchError as exc:
-        print(f"FAILED: {exc}")
-        return 1
-    if outcome is None:
-        print(f"wall time {time.perf_counter() - started:.1f} s")
-        return 1
-    results, append, ok = outcome
-    report(results, append)
-    print(f"wall time {time.perf_counter() - started:.1f} s")
-    return 0 if ok else 1
+    return run_in_temporary(
+        "bench-durability-", options.dir, lambda temp: run(options, temp), started
+    )
 
 
 if __name__ == "__main__":

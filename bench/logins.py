@@ -1,21 +1,47 @@
-"""Login benchmark: Dovecot directly versus Dovecot behind the relayproxy daemon.
+"""Login benchmark: what the proxy costs, not what Dovecot costs (issue 13, item 1).
 
-One run starts one demo Dovecot and one `relayproxy` daemon (a subprocess with
-a generated INI in a temporary directory), then measures logins against both
-side by side, in interleaved rounds (direct, proxied, direct, proxied, ...) so
-that machine noise falls on both sides alike. A login is: open a TCP
-connection, read the greeting, USER/PASS (POP3) or LOGIN (IMAP), QUIT/LOGOUT,
-close. Every login is checked to have succeeded, and at the end relayers.db
-must hold 127.0.0.1.
+One run starts a demo Dovecot and the stub backend (`bench/stub_backend.py`,
+which accepts every login and costs little, so the proxy is the bottleneck),
+then four targets in front of each backend, every one a process of its own on
+loopback:
 
-Figures per protocol: sequential logins/s and the ratio proxied/direct
-(goal >= 0.8); median and p90 latency from connect to the login's positive
-reply, and the median the proxy adds (goal <= 1 ms); then C concurrent
-clients, total logins/s. Goals missed are marked MISSED; the exit status is
-0 all the same (it is a measurement), 1 only when the benchmark itself fails.
+* direct      no proxy: the client talks to the backend;
+* haproxy     Debian's HAProxy in TCP mode, one thread, generated config;
+* bare-relay  `twisted.protocols.portforward` on the epoll reactor
+              (`bench/bare_relay.py`): Twisted's floor for a relay;
+* relayproxy  the daemon of this work tree (`python -m relayproxy.cli.daemon`),
+              `[store] min_interval = 0`, logging to a file.
 
-    .venv/bin/python bench/logins.py [--protocols pop3,imap] [--logins N]
-                                     [--concurrency C] [--quick] [--profile FILE]
+A login is, from a source address of its own (127.a.b.c, never reused in the
+run, so every login through relayproxy is a new record): POP3 USER, PASS,
+STAT, QUIT, or IMAP LOGIN, SELECT INBOX, LOGOUT; a random demo user against
+Dovecot, any user against the stub. The client is this process (asyncio).
+
+For each protocol and backend, after a warm-up, the targets are measured in
+alternating rounds (the order rotates each round, so machine noise falls on all
+alike), first with one client, then with C concurrent clients. Figures per
+target: logins/s; latency p50/p99 from connect to the login's success line;
+CPU per login of the PROXY process only, user and system, from the utime and
+stime deltas in /proc/PID/stat (taken after a settling pause, so relayproxy's
+batched recording of the last logins is counted). The stub's and the client's
+CPU per login are printed too, to show they are not the bottleneck.
+
+Then the ratios: relayproxy/bare-relay user CPU per login (goal <= 1.1),
+relayproxy's added median latency over direct with one client (goal
+<= 1.0 ms; HAProxy's and the bare relay's beside it for reference), and
+CPU and logins/s ratios. A missed goal is marked MISSED; the exit status is 0
+all the same (it is a measurement), 1 only when the benchmark itself fails: a
+login fails, or after SIGTERM an address that logged in through relayproxy is
+missing from its relayers.db.
+
+    .venv/bin/python bench/logins.py [--protocols pop3,imap] [--backends dovecot,stub]
+        [--targets direct,haproxy,bare-relay,relayproxy] [--logins N] [--round-size N]
+        [--concurrency C] [--quick] [--profile FILE] [--py-spy FILE]
+
+`--logins` counts per target, backend, protocol and client mode (one client,
+C clients). `--quick` is 300 logins in rounds of 50. `--profile FILE` runs
+relayproxy under cProfile; `--py-spy FILE` samples it with py-spy (raw
+collapsed stacks to FILE) and prints the functions with the most own samples.
 """
 
 from __future__ import annotations
@@ -25,450 +51,429 @@ import asyncio
 import contextlib
 import math
 import os
+import random
 import signal
-import socket
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py, next to this file
+from harness import (
+    CLOCK_TICK,
+    HOST,
+    LOGIN,
+    ROOT,
+    Addresses,
+    BenchError,
+    Figures,
+    Key,
+    LoginFailed,
+    Process,
+    Relayproxy,
+    Target,
+    attempt,
+    git_head,
+    own_cpu_seconds,
+    raise_descriptor_limit,
+    records_kept,
+    run_in_temporary,
+    start_bare_relay,
+    start_haproxy,
+    start_relayproxy,
+    start_stub,
+)
+
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # for demo/, which is not an installed package
 
-from demo.dovecot import DEMO_USERS, running_dovecot  # noqa: E402
-from relayproxy.store import RelayStore, StoreMissingError  # noqa: E402
+from demo.dovecot import DEMO_USERS, running_dovecot
 
-HOST = "127.0.0.1"
 PROTOCOLS = ("pop3", "imap")
-RATIO_GOAL = 0.8
+BACKENDS = ("dovecot", "stub")
+TARGETS = ("direct", "haproxy", "bare-relay", "relayproxy")
+CPU_RATIO_GOAL = 1.1
 ADDED_LATENCY_GOAL_MS = 1.0
-LOGIN_TIMEOUT = 10.0
-START_TIMEOUT = 20.0
 WARMUP_LOGINS = 20
-
-# --- the client: exact protocol lines over asyncio streams ------------------------------
-
-
-class LoginFailed(Exception):
-    """A server answered something other than success; the message quotes it."""
+# relayproxy writes a batch of records at most every second: wait that long before the
+# first and after the last round of a group so that its CPU for the group is all counted.
+SETTLE_SECONDS = 2.0
+STUB_USER = ("bench", "bench-secret")
 
 
-async def _connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    try:
-        return await asyncio.wait_for(asyncio.open_connection(HOST, port), LOGIN_TIMEOUT)
-    except TimeoutError:
-        raise LoginFailed(f"connect: no answer within {LOGIN_TIMEOUT:g} s") from None
+# --- figures -------------------------------------------------------------------------------
 
 
-async def _line(reader: asyncio.StreamReader, what: str) -> bytes:
-    try:
-        line = await asyncio.wait_for(reader.readline(), LOGIN_TIMEOUT)
-    except TimeoutError:
-        raise LoginFailed(f"{what}: no answer within {LOGIN_TIMEOUT:g} s") from None
-    if not line.endswith(b"\n"):
-        raise LoginFailed(f"{what}: connection closed ({line!r})")
-    return line
+@dataclass
+class Group:
+    """One protocol, backend and client count: every target's figures, and the others'."""
+
+    protocol: str
+    backend: str
+    clients: int
+    targets: dict[str, Figures] = field(default_factory=dict)
+    stub_ticks: tuple[int, int] | None = None  # the stub backend's CPU over the group
+    client_seconds: tuple[float, float] = (0.0, 0.0)  # this process's user, system CPU
+
+    @property
+    def logins(self) -> int:
+        return sum(figures.logins for figures in self.targets.values())
 
 
-async def _close(writer: asyncio.StreamWriter) -> None:
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
+# --- measuring -----------------------------------------------------------------------------
 
 
-async def pop3_login(port: int, user: str, password: str) -> float:
-    """One POP3 login; returns seconds from connect to the `+OK` of PASS."""
-    started = time.perf_counter()
-    reader, writer = await _connect(port)
-    try:
-        greeting = await _line(reader, "greeting")
-        if not greeting.startswith(b"+OK"):
-            raise LoginFailed(f"greeting {greeting!r}")
-        writer.write(b"USER %s\r\n" % user.encode())
-        reply = await _line(reader, "USER")
-        if not reply.startswith(b"+OK"):
-            raise LoginFailed(f"USER: {reply!r}")
-        writer.write(b"PASS %s\r\n" % password.encode())
-        reply = await _line(reader, "PASS")
-        latency = time.perf_counter() - started
-        if not reply.startswith(b"+OK Logged in"):
-            raise LoginFailed(f"PASS: {reply!r}")
-        writer.write(b"QUIT\r\n")
-        reply = await _line(reader, "QUIT")
-        if not reply.startswith(b"+OK"):
-            raise LoginFailed(f"QUIT: {reply!r}")
-        return latency
-    finally:
-        await _close(writer)
+def credentials(backend: str) -> tuple[str, str]:
+    if backend == "stub":
+        return STUB_USER
+    user = random.choice(DEMO_USERS)
+    return user.name, user.password
 
 
-async def _tagged(reader: asyncio.StreamReader, tag: bytes, what: str) -> bytes:
-    """Read lines until the one tagged `tag` (untagged lines in between are skipped)."""
-    while True:
-        line = await _line(reader, what)
-        if line.startswith(tag + b" "):
-            return line
-
-
-async def imap_login(port: int, user: str, password: str) -> float:
-    """One IMAP login; returns seconds from connect to the tagged OK of LOGIN."""
-    started = time.perf_counter()
-    reader, writer = await _connect(port)
-    try:
-        greeting = await _line(reader, "greeting")
-        if not greeting.startswith(b"* OK"):
-            raise LoginFailed(f"greeting {greeting!r}")
-        writer.write(b'a1 LOGIN "%s" "%s"\r\n' % (user.encode(), password.encode()))
-        reply = await _tagged(reader, b"a1", "LOGIN")
-        latency = time.perf_counter() - started
-        if not reply.startswith(b"a1 OK"):
-            raise LoginFailed(f"LOGIN: {reply!r}")
-        writer.write(b"a2 LOGOUT\r\n")
-        reply = await _tagged(reader, b"a2", "LOGOUT")
-        if not reply.startswith(b"a2 OK"):
-            raise LoginFailed(f"LOGOUT: {reply!r}")
-        return latency
-    finally:
-        await _close(writer)
-
-
-LOGIN: dict[str, Callable[[int, str, str], Awaitable[float]]] = {
-    "pop3": pop3_login,
-    "imap": imap_login,
-}
-
-
-async def login_series(protocol: str, port: int, count: int, offset: int) -> list[float]:
-    """`count` logins one after the other, alternating the demo users."""
+async def login_round(
+    target: Target, key: Key, count: int, clients: int, addresses: Addresses
+) -> Figures:
+    """`count` logins to `target` by `clients` concurrent clients, each from a new address."""
+    backend, protocol = key
+    port = target.ports[key]
     login = LOGIN[protocol]
-    latencies: list[float] = []
-    for n in range(count):
-        user = DEMO_USERS[(offset + n) % len(DEMO_USERS)]
-        try:
-            latencies.append(await login(port, user.name, user.password))
-        except (LoginFailed, OSError) as exc:
-            raise LoginFailed(f"{protocol} port {port}, login {n + 1} of {count}: {exc}") from None
-    return latencies
 
+    async def series(share: int) -> list[float]:
+        latencies: list[float] = []
+        for _ in range(share):
+            source = addresses.next()
+            user, password = credentials(backend)
+            with attempt(target, source, f"{backend} {protocol} port {port}"):
+                latencies.append(await login(port, source, user, password))
+        return latencies
 
-async def timed_round(protocol: str, port: int, count: int, clients: int) -> Side:
-    """`count` logins by `clients` concurrent clients; the wall time of the whole round."""
     shares = [count // clients + (1 if i < count % clients else 0) for i in range(clients)]
     started = time.perf_counter()
-    results = await asyncio.gather(
-        *(login_series(protocol, port, share, i) for i, share in enumerate(shares) if share)
-    )
+    results = await asyncio.gather(*(series(share) for share in shares if share))
     elapsed = time.perf_counter() - started
-    return Side(logins=count, seconds=elapsed, latencies=[x for r in results for x in r])
+    return Figures(count, elapsed, [x for r in results for x in r])
 
 
-# --- figures -----------------------------------------------------------------------------
-
-
-@dataclass
-class Side:
-    logins: int = 0
-    seconds: float = 0.0
-    latencies: list[float] = field(default_factory=list)
-
-    def add(self, other: Side) -> None:
-        self.logins += other.logins
-        self.seconds += other.seconds
-        self.latencies += other.latencies
-
-    @property
-    def rate(self) -> float:
-        return self.logins / self.seconds if self.seconds else 0.0
-
-    def quantile_ms(self, q: float) -> float:
-        ordered = sorted(self.latencies)
-        return 1000 * ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
-
-    @property
-    def median_ms(self) -> float:
-        return 1000 * statistics.median(self.latencies)
-
-
-@dataclass
-class Comparison:
-    direct: Side = field(default_factory=Side)
-    proxied: Side = field(default_factory=Side)
-
-    @property
-    def ratio(self) -> float:
-        return self.proxied.rate / self.direct.rate if self.direct.rate else 0.0
-
-
-async def compare(
-    protocol: str, ports: tuple[int, int], *, total: int, round_size: int, clients: int
-) -> Comparison:
-    """Interleaved rounds: direct, proxied, direct, proxied ... until `total` each."""
-    direct_port, proxy_port = ports
-    result = Comparison()
+async def measure_group(
+    group: Group,
+    targets: Sequence[Target],
+    stub: Process | None,
+    options: argparse.Namespace,
+    addresses: Addresses,
+) -> None:
+    key = (group.backend, group.protocol)
+    for target in targets:
+        group.targets[target.name] = Figures()
+    before = {target.name: target.cpu_ticks() for target in targets}
+    stub_before = stub.cpu_ticks() if stub is not None else None
+    client_before = own_cpu_seconds()
     done = 0
-    while done < total:
-        size = min(round_size, total - done)
-        result.direct.add(await timed_round(protocol, direct_port, size, clients))
-        result.proxied.add(await timed_round(protocol, proxy_port, size, clients))
+    round_number = 0
+    while done < options.logins:
+        size = min(options.round_size, options.logins - done)
+        shift = round_number % len(targets)
+        for target in [*targets[shift:], *targets[:shift]]:
+            figures = await login_round(target, key, size, group.clients, addresses)
+            group.targets[target.name].add(figures)
         done += size
-    return result
+        round_number += 1
+    await asyncio.sleep(SETTLE_SECONDS)
+    for target in targets:
+        user, system = target.cpu_ticks()
+        group.targets[target.name].user_ticks = user - before[target.name][0]
+        group.targets[target.name].system_ticks = system - before[target.name][1]
+    if stub is not None and stub_before is not None:
+        user, system = stub.cpu_ticks()
+        group.stub_ticks = (user - stub_before[0], system - stub_before[1])
+    client_after = own_cpu_seconds()
+    group.client_seconds = (
+        client_after[0] - client_before[0],
+        client_after[1] - client_before[1],
+    )
+
+
+async def measure(
+    targets: Sequence[Target], stub: Process | None, options: argparse.Namespace
+) -> list[Group]:
+    addresses = Addresses()
+    groups: list[Group] = []
+    for protocol in options.protocols:
+        for backend in options.backends:
+            key = (backend, protocol)
+            for target in targets:
+                await login_round(target, key, WARMUP_LOGINS, 1, addresses)
+            await asyncio.sleep(SETTLE_SECONDS)
+            for clients in (1, options.concurrency):
+                group = Group(protocol, backend, clients)
+                await measure_group(
+                    group, targets, stub if backend == "stub" else None, options, addresses
+                )
+                groups.append(group)
+                print(f"  measured {protocol} {backend} {clients} client(s)", flush=True)
+    return groups
+
+
+# --- report --------------------------------------------------------------------------------
 
 
 def verdict(ok: bool) -> str:
     return "" if ok else " MISSED"
 
 
-# --- the daemon ---------------------------------------------------------------------------
+def ratio_of(group: Group, mine: str, other: str) -> float:
+    """User CPU per login of `mine` over `other`'s in one group."""
+    below = group.targets[other].user_us
+    return group.targets[mine].user_us / below if below else math.inf
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind((HOST, 0))
-        return int(probe.getsockname()[1])
+def report(groups: Sequence[Group]) -> None:
+    header = (
+        f"{'protocol':<8} {'backend':<7} {'clients':>7} {'target':<10} {'logins':>6}"
+        f" {'logins/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'user µs':>8} {'sys µs':>7}"
+        f" {'CPU µs':>7}"
+    )
+    print(header)
+    for group in groups:
+        for name, f in group.targets.items():
+            cpu = f"{'-':>8} {'-':>7} {'-':>7}"
+            if name != "direct":
+                cpu = f"{f.user_us:>8.0f} {f.system_us:>7.0f} {f.cpu_us:>7.0f}"
+            print(
+                f"{group.protocol:<8} {group.backend:<7} {group.clients:>7} {name:<10}"
+                f" {f.logins:>6} {f.rate:>8.1f} {f.median_ms:>7.3f} {f.quantile_ms(0.99):>7.3f}"
+                f" {cpu}"
+            )
+        extras = []
+        if group.stub_ticks is not None:
+            user, system = (1e6 * t / CLOCK_TICK / group.logins for t in group.stub_ticks)
+            extras.append(f"stub backend {user:.0f} user + {system:.0f} sys µs")
+        user, system = (1e6 * s / group.logins for s in group.client_seconds)
+        extras.append(f"client (this process) {user:.0f} user + {system:.0f} sys µs")
+        print(f"{'':<8} {'':<7} {'':>7} per login, all targets: {'; '.join(extras)}")
+    print()
+    pairs = dict.fromkeys((g.protocol, g.backend) for g in groups)
+    for protocol, backend in pairs:
+        mine = [g for g in groups if (g.protocol, g.backend) == (protocol, backend)]
+        total: dict[str, Figures] = {}
+        for group in mine:
+            for name, figures in group.targets.items():
+                total.setdefault(name, Figures()).add(figures)
+        print(f"{protocol} {backend}:")
+        relay, bare = total.get("relayproxy"), total.get("bare-relay")
+        haproxy = total.get("haproxy")
+        if relay and bare and bare.user_us:
+            ratio = relay.user_us / bare.user_us
+            per_group = ", ".join(
+                f"{g.clients} client(s) {ratio_of(g, 'relayproxy', 'bare-relay'):.2f}" for g in mine
+            )
+            print(
+                f"  relayproxy/bare-relay user CPU per login {ratio:.2f}"
+                f" (goal <= {CPU_RATIO_GOAL}){verdict(ratio <= CPU_RATIO_GOAL)} [{per_group}];"
+                f" total CPU {relay.cpu_us / bare.cpu_us:.2f}"
+            )
+        if relay and haproxy and haproxy.cpu_us:
+            print(
+                f"  relayproxy/haproxy CPU per login: total {relay.cpu_us / haproxy.cpu_us:.2f},"
+                f" user {relay.user_us / haproxy.user_us if haproxy.user_us else math.inf:.2f},"
+                f" sys {relay.system_us / haproxy.system_us if haproxy.system_us else math.inf:.2f}"
+            )
+        single = next((g for g in mine if g.clients == 1), None)
+        if single is not None and "direct" in single.targets:
+            direct = single.targets["direct"]
+            added = {
+                name: f.median_ms - direct.median_ms
+                for name, f in single.targets.items()
+                if name != "direct"
+            }
+            text = []
+            for name, value in added.items():
+                goal = ""
+                if name == "relayproxy":
+                    goal = (
+                        f" (goal <= {ADDED_LATENCY_GOAL_MS:g} ms)"
+                        f"{verdict(value <= ADDED_LATENCY_GOAL_MS)}"
+                    )
+                text.append(f"{name} {value:+.3f} ms{goal}")
+            print(f"  added p50 over direct, one client: {'; '.join(text)}")
+        for group in mine:
+            floor = group.targets.get("direct")
+            if floor is None or not floor.rate:
+                continue
+            rates = ", ".join(
+                f"{name} {f.rate / floor.rate:.2f}"
+                for name, f in group.targets.items()
+                if name != "direct"
+            )
+            print(f"  logins/s over direct, {group.clients} client(s): {rates}")
 
 
-class DaemonRefused(Exception):
-    """The daemon exited before it accepted; carries its status and output."""
-
-    def __init__(self, status: int, output: str) -> None:
-        super().__init__(f"relayproxy exited {status}: {output.strip()}")
-        self.status = status
-        self.output = output
+# --- py-spy --------------------------------------------------------------------------------
 
 
-@dataclass
-class Daemon:
-    directory: Path
-    backends: dict[str, int]  # protocol -> Dovecot port
-    profile: Path | None = None
-    ports: dict[str, int] = field(default_factory=dict)
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def db(self) -> Path:
-        return self.directory / "relayers.db"
-
-    def config_text(self) -> str:
-        lines = ["[store]", f"path = {self.db}", "min_interval = 0", ""]
-        lines += ["[log]", f"target = file:{self.directory / 'relayproxy.log'}", ""]
-        lines += ["[daemon]", "allow_root = yes", ""]
-        for protocol, backend in self.backends.items():
-            self.ports[protocol] = free_port()
-            lines += [
-                f"[listener:{protocol}]",
-                f"protocol = {protocol}",
-                f"listen = {HOST}:{self.ports[protocol]}",
-                f"backend = {HOST}:{backend}",
-                "",
-            ]
-        return "\n".join(lines)
-
-    def start(self) -> None:
-        config = self.directory / "relayproxy.ini"
-        config.write_text(self.config_text())
-        command = [sys.executable]
-        if self.profile is not None:
-            command += ["-m", "cProfile", "-o", str(self.profile)]
-        command += ["-m", "relayproxy.cli.daemon", "--config", str(config)]
-        self.process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT
-        )
-        deadline = time.monotonic() + START_TIMEOUT
-        for port in self.ports.values():
-            while not self._accepts(port):
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError("relayproxy did not start listening in time")
-                time.sleep(0.02)
-
-    def _accepts(self, port: int) -> bool:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            output = self.process.stdout.read().decode() if self.process.stdout else ""
-            raise DaemonRefused(self.process.returncode, output)
-        try:
-            socket.create_connection((HOST, port), timeout=1).close()
-        except OSError:
-            return False
-        return True
-
-    def log_tail(self, lines: int = 10) -> str:
-        try:
-            text = (self.directory / "relayproxy.log").read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def cpu_seconds(self) -> float | None:
-        """User plus system CPU the daemon has used so far (Linux /proc), else None."""
-        assert self.process is not None
-        try:
-            stat = Path(f"/proc/{self.process.pid}/stat").read_text()
-        except OSError:
-            return None
-        fields = stat.rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self) -> int:
-        assert self.process is not None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=30)
-        finally:
-            if self.process.stdout:
-                self.process.stdout.close()
+def start_py_spy(pid: int, output: Path) -> subprocess.Popen[bytes]:
+    binary = Path(sys.executable).with_name("py-spy")
+    if not binary.exists():
+        raise BenchError(f"{binary} not found: pip install py-spy into the venv")
+    command = [str(binary), "record", "--pid", str(pid), "--format", "raw"]
+    command += ["--output", str(output), "--rate", "250", "--nonblocking"]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def start_daemon(directory: Path, backends: dict[str, int], profile: Path | None) -> Daemon | None:
-    """Start with every protocol; if the daemon refuses IMAP, start again without it."""
+def stop_py_spy(spy: subprocess.Popen[bytes], output: Path, top: int = 25) -> None:
+    spy.send_signal(signal.SIGINT)
     try:
-        daemon = Daemon(directory, dict(backends), profile)
-        daemon.start()
-        return daemon
-    except DaemonRefused as exc:
-        if "imap" not in backends or (exc.status != 2 and "imap" not in exc.output):
-            raise
-        last = exc.output.strip().splitlines()[-1:] or [""]
-        print(f"imap: skipped, relayproxy refused the config (exit {exc.status}): {last[0]}")
-    remaining = {p: port for p, port in backends.items() if p != "imap"}
-    if not remaining:
-        return None
-    daemon = Daemon(directory, remaining, profile)
-    daemon.start()
-    return daemon
+        spy.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        spy.kill()
+        spy.wait()
+    if not output.exists():
+        stderr = spy.stderr.read().decode(errors="replace") if spy.stderr else ""
+        print(f"py-spy wrote nothing: {stderr.strip()[-500:]}")
+        return
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in output.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = stack.split(";")
+        total += count
+        own[frames[-1]] += count
+        for frame in set(frames):
+            inclusive[frame] += count
+    if not total:
+        print("py-spy: no samples")
+        return
+    print(f"py-spy ({total} samples of relayproxy, idle excluded): most own samples")
+    for frame, count in own.most_common(top):
+        print(
+            f"  {100 * count / total:5.1f} % own"
+            f" {100 * inclusive[frame] / total:5.1f} % incl  {frame}"
+        )
+    print("most inclusive samples below the reactor: relayproxy's and the log's functions")
+    shown = [
+        (frame, count)
+        for frame, count in inclusive.most_common()
+        if ("relayproxy/" in frame and "cli/daemon.py" not in frame) or "logg" in frame
+    ]
+    for frame, count in shown[:top]:
+        print(f"  {100 * count / total:5.1f} % incl  {frame}")
 
 
-def wait_for_record(db: Path, key: str, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if RelayStore(db).get(key) is not None:
-                return True
-        except StoreMissingError:
-            pass
-        time.sleep(0.1)
-    return False
+# --- main ----------------------------------------------------------------------------------
 
 
-# --- main ---------------------------------------------------------------------------------
+def parse_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        chosen = [p.strip() for p in text.split(",") if p.strip()]
+        unknown = [p for p in chosen if p not in choices]
+        if unknown or not chosen:
+            raise argparse.ArgumentTypeError(f"choose from {', '.join(choices)}")
+        return [c for c in choices if c in chosen]
 
-
-def parse_protocols(text: str) -> list[str]:
-    chosen = [p.strip() for p in text.split(",") if p.strip()]
-    unknown = [p for p in chosen if p not in PROTOCOLS]
-    if unknown or not chosen:
-        raise argparse.ArgumentTypeError(f"choose from {', '.join(PROTOCOLS)}")
-    return list(dict.fromkeys(chosen))
+    return parse
 
 
 def parse_options(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--protocols", type=parse_protocols, default=["pop3"], help="pop3,imap")
-    parser.add_argument("--logins", type=int, default=2000, help="per side per protocol")
+    parser.add_argument("--protocols", type=parse_list(PROTOCOLS), default=list(PROTOCOLS))
+    parser.add_argument("--backends", type=parse_list(BACKENDS), default=list(BACKENDS))
+    parser.add_argument("--targets", type=parse_list(TARGETS), default=list(TARGETS))
+    parser.add_argument(
+        "--logins", type=int, default=2000, help="per target, backend, protocol, client mode"
+    )
     parser.add_argument("--round-size", type=int, default=200, help="logins per round")
     parser.add_argument("--concurrency", type=int, default=8, help="clients at once")
-    parser.add_argument("--quick", action="store_true", help="200 logins, rounds of 50")
-    parser.add_argument("--profile", type=Path, help="run the daemon under cProfile to FILE")
+    parser.add_argument("--quick", action="store_true", help="300 logins, rounds of 50")
+    parser.add_argument("--profile", type=Path, help="run relayproxy under cProfile to FILE")
+    parser.add_argument("--py-spy", type=Path, help="sample relayproxy with py-spy to FILE")
+    parser.add_argument("--dir", type=Path, help="where the temporary files go")
     options = parser.parse_args(argv)
     if options.quick:
-        options.logins, options.round_size = 200, 50
+        options.logins, options.round_size = 300, 50
     if options.logins < 1 or options.round_size < 1 or options.concurrency < 1:
         parser.error("--logins, --round-size and --concurrency must be positive")
+    if options.py_spy and "relayproxy" not in options.targets:
+        parser.error("--py-spy samples relayproxy: keep it in --targets")
     return options
 
 
-async def measure(
-    protocols: Sequence[str],
-    direct: dict[str, int],
-    proxied: dict[str, int],
-    options: argparse.Namespace,
-) -> dict[str, tuple[Comparison, Comparison]]:
-    results: dict[str, tuple[Comparison, Comparison]] = {}
-    for protocol in protocols:
-        for port in (direct[protocol], proxied[protocol]):  # warm both paths up
-            await login_series(protocol, port, WARMUP_LOGINS, 0)
-        ports = (direct[protocol], proxied[protocol])
-        total, size = options.logins, options.round_size
-        sequential = await compare(protocol, ports, total=total, round_size=size, clients=1)
-        concurrent = await compare(
-            protocol, ports, total=total, round_size=size, clients=options.concurrency
-        )
-        results[protocol] = (sequential, concurrent)
-    return results
-
-
-def report(results: dict[str, tuple[Comparison, Comparison]], concurrency: int) -> None:
-    header = f"{'protocol':<8} {'clients':>7} {'side':<7} {'logins':>6} {'logins/s':>9}"
-    header += f" {'median ms':>9} {'p90 ms':>7}"
-    print(header)
-    for protocol, comparisons in results.items():
-        for clients, comparison in zip((1, concurrency), comparisons, strict=True):
-            for name, side in (("direct", comparison.direct), ("proxied", comparison.proxied)):
-                print(
-                    f"{protocol:<8} {clients:>7} {name:<7} {side.logins:>6} {side.rate:>9.1f}"
-                    f" {side.median_ms:>9.3f} {side.quantile_ms(0.9):>7.3f}"
-                )
-            print(f"{'':<8} {clients:>7} {'ratio':<7} {'':>6} {comparison.ratio:>9.2f}")
+def run(options: argparse.Namespace, directory: Path) -> bool:
+    """Start everything, measure, report; whether the benchmark itself went right."""
+    dovecot_context = (
+        running_dovecot(directory / "dovecot")
+        if "dovecot" in options.backends
+        else contextlib.nullcontext()
+    )
+    with dovecot_context as dovecot:
+        stub: Process | None = None
+        targets: list[Target] = []
+        try:
+            backends: dict[Key, int] = {}
+            if dovecot is not None:
+                for protocol in options.protocols:
+                    backends["dovecot", protocol] = getattr(dovecot.ports, protocol)
+            if "stub" in options.backends:
+                stub, stub_ports = start_stub(directory / "stub")
+                for protocol in options.protocols:
+                    backends["stub", protocol] = stub_ports[protocol]
+            for name in options.targets:
+                if name == "direct":
+                    targets.append(Target("direct", dict(backends)))
+                elif name == "haproxy":
+                    targets.append(start_haproxy(directory / "haproxy", backends))
+                elif name == "bare-relay":
+                    targets.append(start_bare_relay(directory / "bare-relay", backends))
+                else:
+                    targets.append(
+                        start_relayproxy(
+                            directory / "relayproxy", backends, profile=options.profile
+                        )
+                    )
+            relay = next((t for t in targets if isinstance(t, Relayproxy)), None)
+            spy = None
+            if options.py_spy and relay is not None and relay.process is not None:
+                spy = start_py_spy(relay.process.pid, options.py_spy)
+            try:
+                groups = asyncio.run(measure(targets, stub, options))
+            except LoginFailed as exc:
+                print(f"FAILED: {exc}")
+                if relay is not None:
+                    print(f"last lines of the relayproxy log:\n{relay.log_tail()}")
+                return False
+            finally:
+                if spy is not None:
+                    assert options.py_spy is not None
+                    stop_py_spy(spy, options.py_spy)
+        finally:
+            statuses = {target.name: target.stop() for target in reversed(targets)}
+            if stub is not None:
+                stub.stop()
     print()
-    for protocol, (sequential, concurrent) in results.items():
-        added = sequential.proxied.median_ms - sequential.direct.median_ms
-        print(
-            f"{protocol}: proxy/direct logins/s ratio {sequential.ratio:.2f}"
-            f" (goal >= {RATIO_GOAL}){verdict(sequential.ratio >= RATIO_GOAL)};"
-            f" added median latency {added:.2f} ms"
-            f" (goal <= {ADDED_LATENCY_GOAL_MS:g} ms){verdict(added <= ADDED_LATENCY_GOAL_MS)};"
-            f" {concurrency} clients ratio {concurrent.ratio:.2f}"
-        )
+    report(groups)
+    print()
+    return records_kept(targets, statuses)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     options = parse_options(argv)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="bench-logins-") as temp:
-        directory = Path(temp)
-        (directory / "dovecot").mkdir()
-        with running_dovecot(directory / "dovecot") as dovecot:
-            backends = {p: getattr(dovecot.ports, p) for p in options.protocols}
-            daemon = start_daemon(directory, backends, options.profile)
-            if daemon is None:
-                print("nothing to measure")
-                return 0
-            protocols = list(daemon.ports)
-            try:
-                print(
-                    f"{options.logins} logins per side per protocol in rounds of"
-                    f" {options.round_size}, interleaved direct/proxied;"
-                    f" concurrency {options.concurrency}"
-                )
-                cpu_before = daemon.cpu_seconds()
-                try:
-                    results = asyncio.run(measure(protocols, backends, daemon.ports, options))
-                except LoginFailed as exc:
-                    sides = {f"{p} direct": backends[p] for p in protocols}
-                    sides.update({f"{p} proxied": daemon.ports[p] for p in protocols})
-                    print(f"FAILED: {exc} (ports: {sides})")
-                    print(f"last lines of the daemon log:\n{daemon.log_tail()}")
-                    return 1
-                cpu_after = daemon.cpu_seconds()
-                recorded = wait_for_record(daemon.db, HOST)
-            finally:
-                status = daemon.stop()
-    report(results, options.concurrency)
-    if cpu_before is not None and cpu_after is not None:
-        proxied = sum(2 * options.logins + WARMUP_LOGINS for _ in results)
-        print(
-            f"daemon CPU {cpu_after - cpu_before:.2f} s for {proxied} proxied logins:"
-            f" {1000 * (cpu_after - cpu_before) / proxied:.2f} ms per login"
-        )
-    print(f"relayers.db holds {HOST}: {'yes' if recorded else 'NO'}; daemon exit status {status}")
-    print(f"wall time {time.perf_counter() - started:.1f} s")
-    return 0 if recorded else 1
+    raise_descriptor_limit()
+    print(
+        f"relayproxy: work tree at {git_head()}; {os.cpu_count()} CPUs,"
+        f" load {os.getloadavg()[0]:.2f}"
+    )
+    print(
+        f"{options.logins} logins per target, backend, protocol and client mode, in rounds of"
+        f" {options.round_size}, targets alternated; 1 and {options.concurrency} clients;"
+        f" each login from its own address; client and backends on {HOST}"
+    )
+    return run_in_temporary("bench-logins-", options.dir, lambda temp: run(options, temp), started)
 
 
 if __name__ == "__main__":
