@@ -9,15 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 
 from relayproxy.config import Config, HostPort, ListenerConfig
 from relayproxy.descriptors import SessionBudget
@@ -27,12 +25,10 @@ from relayproxy.protocols.imap import ImapWatcher
 from relayproxy.protocols.pop3 import Pop3Watcher
 from relayproxy.proxy import ListenerRuntime, ProxyFactory
 from relayproxy.recorder import Recorder
-from relayproxy.spool import Spool, SpoolError
-from relayproxy.store import RelayStore, StoreMissingError
+from relayproxy.recording import Recording
 from relayproxy.tls import ListenerTLS, TLSConfigError, load_listener_tls
 
 log = Logger(namespace="relayproxy")
-T = TypeVar("T")
 
 
 class ListenError(Exception):
@@ -72,16 +68,6 @@ def load_tls(config: Config) -> dict[str, ListenerTLS]:
     return loaded
 
 
-def _store(config: Config) -> RelayStore:
-    return RelayStore(
-        config.store.path,
-        mode=config.store.mode,
-        group=config.store.group,
-        lock_timeout=config.store.lock_timeout,
-        notice=lambda message: log.warn("store.notice message={message}", message=message),
-    )
-
-
 @dataclass
 class _Listening:
     """A bound listener: its port, and the factory whose runtime a reload replaces."""
@@ -103,32 +89,15 @@ class RelayProxyService(Service):
         self.config = config
         self.budget = budget
         self.reactor = reactor
-        self.pool = ThreadPool(minthreads=1, maxthreads=1, name="relayproxy-store")
-        self.recorder = Recorder(
-            _store(config),
-            reactor=reactor,
-            run_in_thread=self._in_store_thread,
-            ipv6_keys=config.store.ipv6_keys,
-            exclude=config.record.exclude,
-            min_interval=config.store.min_interval,
-            spool=Spool(config.store.path),
-            sync_interval=config.store.sync_interval,
-            # Not the store's thread: a sync must not wait behind a batch stuck on a lock.
-            run_sync_in_thread=lambda function: deferToThreadPool(
-                reactor, reactor.getThreadPool(), function
-            ),
-        )
+        self.recording = Recording(config, reactor)
         self._tls = tls
         self.listening: dict[str, _Listening] = {}
         self.retired: list[ListenerRuntime] = []  # replaced runtimes with sessions left
         self.metrics: Metrics | None = None  # [metrics] listen: bound by listen()
 
     @property
-    def store(self) -> RelayStore:
-        return self.recorder.store
-
-    def _in_store_thread(self, function: Callable[[], T]) -> Deferred[T]:
-        return deferToThreadPool(self.reactor, self.pool, function)
+    def recorder(self) -> Recorder:
+        return self.recording.recorder
 
     def _runtime(self, listener: ListenerConfig, tls: ListenerTLS) -> ListenerRuntime:
         return ListenerRuntime(
@@ -205,7 +174,9 @@ class RelayProxyService(Service):
         """
         problems: list[str] = []
         old = self.listening
-        self._reconfigure_recorder(config)  # compares with self.config: before replacing it
+        self.recording.reconfigure(
+            config, self.config
+        )  # compares with self.config: before replacing it
         self.config, self._tls = config, tls
         current: dict[str, _Listening] = {}
         for listener in config.listeners:
@@ -240,62 +211,19 @@ class RelayProxyService(Service):
         if runtime.sessions:
             self.retired.append(runtime)
 
-    def _reconfigure_recorder(self, config: Config) -> None:
-        recorder = self.recorder
-        if config.store.path != self.config.store.path:
-            # The next batch goes to the new file, and so do the old spool's logins.
-            recorder.switch_store(_store(config), Spool(config.store.path))
-            self._spool_opened(recorder)
-        elif config.store != self.config.store:
-            recorder.store = _store(config)
-        recorder.reconfigure(
-            ipv6_keys=config.store.ipv6_keys,
-            exclude=config.record.exclude,
-            min_interval=config.store.min_interval,
-        )
-
     # -- start and stop --
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
-        self.pool.start()
+        self.recording.start()
 
     def open_spool(self) -> None:
         """Take the spool and queue what a killed predecessor left in it (before listening)."""
-        self._spool_opened(self.recorder)
-
-    def _spool_opened(self, recorder: Recorder) -> None:
-        try:
-            leftovers = recorder.open_spool()
-        except SpoolError as exc:
-            log.error(
-                "spool.error error={error} (logins are not durable before they are stored)",
-                error=str(exc),
-            )
-            return
-        if leftovers:
-            log.warn(
-                "spool.replay path={path} entries={entries} (not yet stored when it stopped)",
-                path=recorder.store.path,
-                entries=leftovers,
-            )
+        self.recording.open_spool()
 
     def open_store(self) -> Deferred[None]:
         """Check (and repair) the store once, off the reactor: fires when done."""
-        checked = self._in_store_thread(self._check_store)
-        return checked.addErrback(
-            lambda failure: log.error(
-                "store.error path={path} error={error}",
-                path=self.store.path,
-                error=failure.getErrorMessage(),
-            )
-        )
-
-    def _check_store(self) -> None:
-        try:
-            self.store.recover()
-        except StoreMissingError:
-            log.info("store.absent path={path} (created at the first login)", path=self.store.path)
+        return self.recording.open_store()
 
     def open_sessions(self) -> list[tuple[str, bool]]:
         """``(listener, in_login)`` of every open session, for the metrics scrape.
@@ -348,14 +276,7 @@ class RelayProxyService(Service):
         return done
 
     def _stop_pool(self, result: object) -> object:
-        pending = self.recorder.pending
-        if pending:
-            log.error(
-                "store.unwritten path={path} entries={entries}",
-                path=self.store.path,
-                entries=pending,
-            )
-        self.pool.stop()
+        self.recording.stop()
         if self.metrics is not None:
             self.metrics.stop()  # after the last write, so that its store.batch is counted
         return result

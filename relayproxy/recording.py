@@ -1,0 +1,127 @@
+"""Recording, the daemon's side of it: the recorder, its store thread, spool and store checks.
+
+Owns the worker thread every store call runs on, the recorder fed by the
+sessions, taking the spool at start, checking (and repairing) the store
+once, following a reload's ``[store]`` and ``[record]`` changes, and the
+last write at shutdown. ``relayproxy.service`` holds one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from relayproxy.config import Config
+from relayproxy.recorder import Recorder
+from relayproxy.spool import Spool, SpoolError
+from relayproxy.store import RelayStore, StoreMissingError
+
+log = Logger(namespace="relayproxy")
+T = TypeVar("T")
+
+
+def _store(config: Config) -> RelayStore:
+    return RelayStore(
+        config.store.path,
+        mode=config.store.mode,
+        group=config.store.group,
+        lock_timeout=config.store.lock_timeout,
+        notice=lambda message: log.warn("store.notice message={message}", message=message),
+    )
+
+
+class Recording:
+    """The recorder with its store thread; see the module docstring."""
+
+    def __init__(self, config: Config, reactor: Any) -> None:
+        self.reactor = reactor
+        self.pool = ThreadPool(minthreads=1, maxthreads=1, name="relayproxy-store")
+        self.recorder = Recorder(
+            _store(config),
+            reactor=reactor,
+            run_in_thread=self._in_store_thread,
+            ipv6_keys=config.store.ipv6_keys,
+            exclude=config.record.exclude,
+            min_interval=config.store.min_interval,
+            spool=Spool(config.store.path),
+            sync_interval=config.store.sync_interval,
+            # Not the store's thread: a sync must not wait behind a batch stuck on a lock.
+            run_sync_in_thread=lambda function: deferToThreadPool(
+                reactor, reactor.getThreadPool(), function
+            ),
+        )
+
+    @property
+    def store(self) -> RelayStore:
+        return self.recorder.store
+
+    def _in_store_thread(self, function: Callable[[], T]) -> Deferred[T]:
+        return deferToThreadPool(self.reactor, self.pool, function)
+
+    def start(self) -> None:
+        self.pool.start()
+
+    def open_spool(self) -> None:
+        """Take the spool and queue what a killed predecessor left in it (before listening)."""
+        try:
+            leftovers = self.recorder.open_spool()
+        except SpoolError as exc:
+            log.error(
+                "spool.error error={error} (logins are not durable before they are stored)",
+                error=str(exc),
+            )
+            return
+        if leftovers:
+            log.warn(
+                "spool.replay path={path} entries={entries} (not yet stored when it stopped)",
+                path=self.store.path,
+                entries=leftovers,
+            )
+
+    def open_store(self) -> Deferred[None]:
+        """Check (and repair) the store once, off the reactor: fires when done."""
+        checked = self._in_store_thread(self._check_store)
+        return checked.addErrback(
+            lambda failure: log.error(
+                "store.error path={path} error={error}",
+                path=self.store.path,
+                error=failure.getErrorMessage(),
+            )
+        )
+
+    def _check_store(self) -> None:
+        try:
+            self.store.recover()
+        except StoreMissingError:
+            log.info("store.absent path={path} (created at the first login)", path=self.store.path)
+
+    def reconfigure(self, config: Config, old: Config) -> None:
+        """A reload: new settings for the logins from now on (``old``: the running ones)."""
+        recorder = self.recorder
+        if config.store.path != old.store.path:
+            # The next batch goes to the new file, and so do the old spool's logins.
+            recorder.switch_store(_store(config), Spool(config.store.path))
+            self.open_spool()
+        elif config.store != old.store:
+            recorder.store = _store(config)
+        recorder.reconfigure(
+            ipv6_keys=config.store.ipv6_keys,
+            exclude=config.record.exclude,
+            min_interval=config.store.min_interval,
+        )
+
+    def stop(self) -> None:
+        """After the last write: say what is left unwritten, end the store's thread."""
+        pending = self.recorder.pending
+        if pending:
+            log.error(
+                "store.unwritten path={path} entries={entries}",
+                path=self.store.path,
+                entries=pending,
+            )
+        self.pool.stop()
