@@ -2,21 +2,20 @@
 
 Owns how a ``twisted.logger`` event becomes a line, not *what* is logged: code logs with
 ``Logger`` and a format whose first word is a dotted event name (``login.success ...``).
-Twisted's observers filter (``[log] level``; Twisted's own info chatter only at ``debug``),
-stdlib handlers write (``WatchedFileHandler`` reopens after logrotate's rename by itself;
-their re-entrant lock lets a signal handler log mid-line), ``systemd.journal`` sends.
+Twisted's observers filter (``[log] level``; Twisted's info chatter only at ``debug``), stdlib
+handlers write (``WatchedFileHandler`` reopens after logrotate's rename; their re-entrant lock
+lets a signal handler log mid-line), ``systemd.journal`` sends.
 The renderer is ours, for what it guarantees to fail2ban and to people::
 
     2026-11-25T10:00:00.123Z info login.success client=192.0.2.7 user=alice mechanism=PLAIN
 
-* A value is one token on one line: bare if made of ``[A-Za-z0-9_.:@/+-]``, else a JSON
-  string with control, format and non-ASCII space characters escaped (``x client=6.6.6.6``
-  is ``user="x client=6.6.6.6"``). ``-`` is "none": an unknown user and one hidden by
-  ``usernames = no`` are both ``user=-`` (JSON and journald omit a hidden one).
-* A field named (or a ``{a.b[c]}`` path) with ``password``, ``passwd``, ``secret``,
-  ``sasl``, ``literal`` or ``response`` in it is ``<redacted>``, in every format and target.
-* A failure adds ``error="Type: message"`` and a ``debug log.traceback`` line (JSON and
-  journald: a field). Twisted's nameless events are ``log.message namespace= text=``.
+* A value is one token on one line: bare if made of ``[A-Za-z0-9_.:@/+-]``, else a JSON string
+  with control, format and non-ASCII space characters escaped (``user="x client=6.6.6.6"``);
+  ``-`` is "none": an unknown or a hidden user is ``user=-`` (JSON, journald omit a hidden one).
+* A field named (or a ``{a.b[c]}`` path) with ``password``, ``passwd``, ``secret``, ``sasl``,
+  ``literal`` or ``response`` in it is ``<redacted>``, in every format and target.
+* A failure adds ``error="Type: message"`` and a ``debug log.traceback`` line (JSON, journald:
+  a field). Twisted's nameless events are ``log.message namespace= text=``.
 """
 
 from __future__ import annotations
@@ -198,12 +197,16 @@ def format_json_line(event: LogEvent, usernames: bool = True) -> str:
 
 
 _Layout = Callable[[_Rendered], str]
+# Made once: LogRecord() looks up the time, thread and process names on every call.
+_BLANK = vars(logging.makeLogRecord({"name": "relayproxy"}))
 
 
 def _record(rendered: _Rendered, layout: _Layout) -> logging.LogRecord:
     level = _STDLIB_LEVEL[rendered.level]  # SysLogHandler maps levelname to a priority
+    record = logging.LogRecord.__new__(logging.LogRecord)
     fields = {"levelno": level, "levelname": logging.getLevelName(level), "rendered": rendered}
-    return logging.makeLogRecord({"msg": layout(rendered), **fields})
+    record.__dict__.update(_BLANK, msg=layout(rendered), **fields)
+    return record
 
 
 class _LogFile(logging.handlers.WatchedFileHandler):
@@ -277,10 +280,8 @@ def make_observer(
     elif target == "syslog":
         handler = syslog = logging.handlers.SysLogHandler(socket, facility=2)  # mail
         syslog.ident, syslog.append_nul = f"relayproxy[{os.getpid()}]: ", False  # as glibc's
-    elif target == "journald":
+    else:  # journald: config.py admits no other target
         handler = _Journal()
-    else:
-        raise ValueError(f"unknown log target {target!r}")
     return LogObserver(handler, layout, config.usernames)
 
 
