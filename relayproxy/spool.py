@@ -33,6 +33,7 @@ import fcntl
 import os
 import time
 import zlib
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
@@ -65,8 +66,20 @@ def parse_spool(data: bytes) -> dict[str, int]:
             continue  # more digits than a 64-bit time has: not a line we wrote
         if crc != b"%08x" % zlib.crc32(body):
             continue
-        name = key.decode("ascii", "replace")
+        try:
+            name = key.decode("ascii")
+        except UnicodeDecodeError:
+            continue  # not a key we wrote: relayers.db holds ASCII keys only
         logins[name] = max(int(seconds), logins.get(name, 0))
+    return logins
+
+
+def _merged(files: Iterable[bytes]) -> dict[str, int]:
+    """The logins in several spool files, newest time per key."""
+    logins: dict[str, int] = {}
+    for data in files:
+        for key, seconds in parse_spool(data).items():
+            logins[key] = max(seconds, logins.get(key, 0))
     return logins
 
 
@@ -99,13 +112,9 @@ class Spool:
             _close_all(fds)
             raise SpoolError(f"{self.paths[len(fds) % 2]}: {exc.strerror}") from None
         self._fds = fds
-        leftovers: dict[str, int] = {}
-        for index, fd in enumerate(fds):
-            data = _read_all(fd)
-            self._sizes[index] = len(data)
-            for key, seconds in parse_spool(data).items():
-                leftovers[key] = max(seconds, leftovers.get(key, 0))
-        return leftovers
+        contents = [_read_all(fd) for fd in fds]
+        self._sizes = [len(data) for data in contents]
+        return _merged(contents)
 
     @property
     def is_open(self) -> bool:
@@ -134,10 +143,7 @@ class Spool:
     def release(self, files: tuple[int, ...]) -> None:
         """Empty files whose logins are all in the store (worker thread)."""
         for index in files:
-            try:
-                os.ftruncate(self._fds[index], 0)
-            except OSError as exc:
-                raise SpoolError(f"{self.paths[index]}: {exc.strerror}") from None
+            _empty(self._fds[index], self.paths[index])
 
     def released(self, files: tuple[int, ...]) -> None:
         """``release`` succeeded (reactor thread)."""
@@ -181,6 +187,13 @@ def _read_all(fd: int) -> bytes:
     return b"".join(chunks)
 
 
+def _empty(fd: int, path: str) -> None:
+    try:
+        os.ftruncate(fd, 0)
+    except OSError as exc:
+        raise SpoolError(f"{path}: {exc.strerror}") from None
+
+
 def _close_all(fds: list[int]) -> None:
     for fd in fds:
         os.close(fd)
@@ -198,8 +211,9 @@ def apply_leftovers(store: RelayStore) -> int:
     store write leaves the spool as it was.
     """
     fds: list[int] = []
+    paths = [store.path + suffix for suffix in SPOOL_SUFFIXES]
     try:
-        for path in (store.path + suffix for suffix in SPOOL_SUFFIXES):
+        for path in paths:
             try:
                 fds.append(os.open(path, os.O_RDWR | os.O_CLOEXEC))
             except FileNotFoundError:
@@ -217,18 +231,10 @@ def apply_leftovers(store: RelayStore) -> int:
             fcntl.flock(fds[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return 0
-        leftovers: dict[str, int] = {}
-        for fd in fds:
-            for key, seconds in parse_spool(_read_all(fd)).items():
-                # A key that is not ASCII was not written by a daemon: the store cannot hold it.
-                if key.isascii():
-                    leftovers[key] = max(seconds, leftovers.get(key, 0))
+        leftovers = _merged(_read_all(fd) for fd in fds)
         store.record(sorted(leftovers.items()), keep_newer=True)
-        for fd, path in zip(fds, (store.path + suffix for suffix in SPOOL_SUFFIXES), strict=False):
-            try:
-                os.ftruncate(fd, 0)
-            except OSError as exc:
-                raise SpoolError(f"{path}: {exc.strerror}") from None
+        for fd, path in zip(fds, paths, strict=False):
+            _empty(fd, path)
         return len(leftovers)
     finally:
         _close_all(fds)
