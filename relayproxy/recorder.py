@@ -182,7 +182,8 @@ class Recorder:
     def _write(self) -> Deferred[None]:
         self._timer = None
         batch, self._pending = self._pending, {}
-        spool, retired = self.spool, self._retired_spools
+        # A copy: a reload may retire another spool while this batch is in flight.
+        spool, retired = self.spool, list(self._retired_spools)
         files = spool.rotate() if spool is not None and spool.is_open else ()
         self._last_start = self._reactor.seconds()
         started = time.monotonic()

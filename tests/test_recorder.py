@@ -15,6 +15,7 @@ from twisted.internet.task import Clock
 
 from relayproxy.addresses import IPv6KeyStyle, parse_client_address
 from relayproxy.recorder import EXCLUDED, QUEUED, RECENT, Recorder, run_synchronously
+from relayproxy.spool import Spool
 from relayproxy.store import RelayStore
 
 
@@ -156,3 +157,23 @@ def test_drain_of_a_locked_store_fires_and_reports_pending(
     assert done.called
     assert rec.pending == 1
     assert clock.getDelayedCalls() == []  # no retry timer left behind at shutdown
+
+
+def test_reloads_that_move_the_store_hand_every_old_spool_over(
+    tmp_path: Path, clock: Clock
+) -> None:
+    """Two moves of ``[store] path`` before a batch lands: both old spools are emptied."""
+    paths = [str(tmp_path / f"relayers{n}.db") for n in range(3)]
+    spools = [Spool(path) for path in paths]
+    rec = recorder(RelayStore(paths[0]), clock, Calls(), spool=spools[0])
+    rec.open_spool()
+    rec.login(parse_client_address("192.0.2.1"))
+    for n in (1, 2):
+        rec.switch_store(RelayStore(paths[n]), spools[n])
+        rec.open_spool()
+        rec.login(parse_client_address(f"192.0.2.{n + 1}"))
+    clock.advance(1)
+    assert keys(RelayStore(paths[2])) == {f"192.0.2.{n}": "1800000000" for n in (1, 2, 3)}
+    for old in spools[:2]:
+        assert not old.is_open
+        assert all(os.path.getsize(path) == 0 for path in old.paths)
