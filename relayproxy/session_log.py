@@ -96,11 +96,19 @@ class SessionLog:
     def __init__(self, listener: str, usernames: bool) -> None:
         self.listener = listener
         self.usernames = usernames
-        self.client: IPAddress | None = None
+        self._client = str(None)  # the address as logged: formatted once, not per event
+
+    @property
+    def client(self) -> str:
+        return self._client
+
+    @client.setter
+    def client(self, address: IPAddress) -> None:
+        self._client = str(address)
 
     def __call__(self, name: str, **fields: object) -> None:
         level, line = SESSION_EVENTS[name]
-        own = {"client": str(self.client), "listener": self.listener}
+        own = {"client": self._client, "listener": self.listener}
         if "user" in fields:
             user = fields["user"]
             fields["user"] = (user or "-") if self.usernames else "-"

@@ -162,7 +162,7 @@ class LineBuffer:
     """Bytes in, complete lines (with their line end) out; bounded.
 
     A line ends at LF; the CR before it, if any, stays part of the line, so
-    forwarding a line forwards exactly the bytes that were received.
+    that ``command_text`` can refuse a line that did not end in CRLF.
     """
 
     def __init__(self, max_line_length: int) -> None:
@@ -232,7 +232,7 @@ def command_text(line: bytes) -> bytes | None:
     if not line.endswith(b"\r\n"):
         return None
     text = line[:-2]
-    return None if _CONTROL.search(text) else text
+    return None if has_control_bytes(text) else text
 
 
 def has_control_bytes(value: bytes) -> bool:
