@@ -47,6 +47,11 @@ def frame(kind: bytes, payload: bytes) -> bytes:
     return _HEAD.pack(_MAGIC, kind, len(payload), zlib.crc32(payload)) + payload
 
 
+def commit_frame(signature: Signature) -> bytes:
+    """``C``: the file was synced and equals the state replayed so far."""
+    return frame(b"C", _SIGNATURE.pack(*signature))
+
+
 def encode_put(key: bytes, value: bytes, op: bytes = b"P") -> bytes:
     return op + _KEYLEN.pack(len(key)) + key + _KEYLEN.pack(len(value)) + value
 
@@ -185,7 +190,7 @@ class Journal:
 
     def commit(self, journal_fd: int, signature: Signature) -> None:
         self._uncommitted = signature
-        write_all(journal_fd, frame(b"C", _SIGNATURE.pack(*signature)))
+        write_all(journal_fd, commit_frame(signature))
         self._uncommitted = None
 
     def reconcile(self, lock_fd: int) -> int:
@@ -211,11 +216,10 @@ class Journal:
         if commit is None and self._uncommitted == signature:
             # Our own write reached the file; only its commit frame did not fit.
             try:
-                write_all(journal_fd, frame(b"C", _SIGNATURE.pack(*signature)))
+                self.commit(journal_fd, signature)
             except OSError as exc:
                 os.close(journal_fd)
                 raise StoreError(f"{self.path}: {exc.strerror}") from None
-            self._uncommitted = None
             return journal_fd
         os.close(journal_fd)
         if commit is not None:
@@ -227,8 +231,7 @@ class Journal:
 
     def _changed_behind_our_back(self, lock_fd: int) -> None:
         """Say what the file's deletion or replacement cost; the file (or its absence) wins."""
-        with open(self.path, "rb") as journal:
-            known = replay(journal.read()).state
+        known = self._replayed().state
         if self.map.created:  # absent when we came to write: not replaced, deleted
             self._notice(
                 f"{self.map.path}: deleted while in use; {_entries(len(known))} it held "
@@ -245,6 +248,10 @@ class Journal:
             f"wins: {_entries(dropped)} it does not have dropped"
         )
 
+    def _replayed(self) -> Replay:
+        with open(self.path, "rb") as journal:
+            return replay(journal.read())
+
     def _open_for_append(self) -> int:
         try:
             return os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
@@ -252,8 +259,7 @@ class Journal:
             raise StoreError(f"cannot open {self.path}: {exc.strerror}") from None
 
     def _rebuild(self, lock_fd: int) -> None:
-        with open(self.path, "rb") as journal:
-            replayed = replay(journal.read())
+        replayed = self._replayed()
         state = replayed.state
         _check_room(self.map.path, state)
         cause = (
@@ -312,7 +318,7 @@ class Journal:
                             payload, size = [], 0
                     if payload:
                         out.write(frame(b"B", b"".join(payload)))
-                    out.write(frame(b"C", _SIGNATURE.pack(*signature_of(os.fstat(lock_fd)))))
+                    out.write(commit_frame(signature_of(os.fstat(lock_fd))))
             finally:
                 if database is not None:
                     database.close()
