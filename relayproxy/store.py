@@ -144,7 +144,6 @@ class RelayStore:
         self._notice = notice or (lambda message: None)
         self.file = MapFile(self.path, mode=mode, group=group, lock_timeout=lock_timeout)
         self.journal = Journal(self.file, self._notice, durable=durable)
-        self.journal_path = self.journal.path
 
     # -- public writes --
 
@@ -299,7 +298,7 @@ class RelayStore:
                 self.journal.commit(journal_fd, signature)
                 journal_size = os.fstat(journal_fd).st_size
             except OSError as exc:
-                raise StoreError(f"{self.journal_path}: {exc.strerror}") from None
+                raise StoreError(f"{self.journal.path}: {exc.strerror}") from None
             finally:
                 os.close(journal_fd)
             if journal_size > max(_MIN_COMPACT_BYTES, signature[2]):
