@@ -65,7 +65,6 @@ from relayproxy.protocols.common import (
     ToClient,
     ToServer,
     WatcherSettings,
-    command_text,
     printable_name,
     sasl_response,
     strip_eol,
@@ -81,7 +80,7 @@ from relayproxy.protocols.imap_syntax import (
     Token,
     head,
     parse_command,
-    read_fragment,
+    read_line,
     tag_of,
 )
 
@@ -247,13 +246,10 @@ class ImapWatcher(LoginWatcher[tuple[bytes, bytes]]):
         return actions
 
     def _command_start(self, line: bytes) -> list[Action]:
-        text = command_text(line)
         try:
-            if text is None:
-                raise CommandSyntaxError("Invalid characters or line end")
-            tokens, marker = read_fragment(text, continuing=False)
+            tokens, marker = read_line(line, continuing=False)
         except CommandSyntaxError as exc:
-            return self._unreadable(tag_of(text or line), text or line, exc)
+            return self._unreadable(tag_of(line), line, exc)
         start = head(tokens)
         if start is None:
             reading = _Reading(b"*", b"", [], len(line), marker)
@@ -279,21 +275,18 @@ class ImapWatcher(LoginWatcher[tuple[bytes, bytes]]):
     def _command_more(self, line: bytes) -> list[Action]:
         reading = self._reading
         assert reading is not None
-        text = command_text(line)
         try:
-            if text is None:
-                raise CommandSyntaxError("Invalid characters or line end")
-            tokens, reading.literal = read_fragment(text, continuing=True)
+            tokens, reading.literal = read_line(line, continuing=True)
         except CommandSyntaxError as exc:
-            return self._unreadable(reading.tag, text or line, exc)
+            return self._unreadable(reading.tag, line, exc)
         reading.arguments += tokens
         reading.size += len(line)
         return self._next_fragment(reading)
 
-    def _unreadable(self, tag: bytes, text: bytes, error: CommandSyntaxError) -> list[Action]:
+    def _unreadable(self, tag: bytes, line: bytes, error: CommandSyntaxError) -> list[Action]:
         self._reading = None
         answer = ToClient(tag + b" BAD " + str(error).encode() + b"\r\n")
-        if _TRAILING_NONSYNC.search(strip_eol(text)):
+        if _TRAILING_NONSYNC.search(strip_eol(line)):
             # Its literal's bytes follow at once, and where they end is unknown.
             return [answer, *self._close("client command unreadable")]
         self._move(Event.LOCAL_ANSWER)

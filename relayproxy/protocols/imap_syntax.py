@@ -24,6 +24,7 @@ from relayproxy.protocols.common import (
     CommandSyntaxError,
     LineBuffer,
     LineTooLongError,
+    command_text,
     has_control_bytes,
     sasl_initial_response,
     sasl_mechanism,
@@ -119,6 +120,14 @@ def read_fragment(text: bytes, continuing: bool) -> tuple[list[Token], LiteralMa
     if not after_token and (tokens or continuing):
         raise CommandSyntaxError("Expected an argument after the space")
     return tokens, None
+
+
+def read_line(line: bytes, continuing: bool) -> tuple[list[Token], LiteralMarker | None]:
+    """``read_fragment`` of a client line, which must end in CRLF and hold no control byte."""
+    text = command_text(line)
+    if text is None:
+        raise CommandSyntaxError("Invalid characters or line end")
+    return read_fragment(text, continuing)
 
 
 def head(tokens: list[Token]) -> tuple[bytes, bytes] | None:
