@@ -50,6 +50,27 @@ def vsmtprelay(tmp_path: Path) -> Run:
     return run
 
 
+def s_client(port: int, ca: Path, *options: str) -> subprocess.Popen[bytes]:
+    """``openssl s_client`` to the proxy, verifying its certificate for localhost."""
+    return subprocess.Popen(
+        [
+            "openssl",
+            "s_client",
+            *options,
+            "-connect",
+            f"127.0.0.1:{port}",
+            "-CAfile",
+            str(ca),
+            "-verify_return_error",
+            "-servername",
+            "localhost",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 def makemap(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
     """sendmail's own makemap; /tmp's world-writable warning goes to stderr, harmlessly."""
     return subprocess.run([MAKEMAP, *args], input=stdin, capture_output=True, text=True, timeout=60)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from demo.dovecot import Dovecot, running_dovecot
+from tests.conftest import s_client
 from tests.daemon import Daemon
 
 CURL = ["curl", "--silent", "--show-error", "--max-time", "60"]
@@ -168,24 +169,7 @@ def test_login_with_synchronising_and_non_synchronising_literals(
 def test_openssl_s_client_starttls(daemon: Daemon, dovecot: Dovecot) -> None:
     port = imap_listener(daemon, dovecot, **with_tls(dovecot))
     daemon.start()
-    client = subprocess.Popen(
-        [
-            "openssl",
-            "s_client",
-            "-starttls",
-            "imap",
-            "-connect",
-            f"127.0.0.1:{port}",
-            "-CAfile",
-            str(dovecot.ca_certificate),
-            "-verify_return_error",
-            "-servername",
-            "localhost",
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    )
+    client = s_client(port, dovecot.ca_certificate, "-starttls", "imap")
     assert client.stdin is not None and client.stdout is not None
     client.stdin.write(b"a1 LOGIN alice alice-secret\r\na2 LOGOUT\r\n")
     client.stdin.flush()

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import socket
 import ssl
-import subprocess
 import time
 
 import pytest
 
 from demo.dovecot import Dovecot
 from relayproxy.proxy import CLOSE_GRACE
+from tests.conftest import s_client
 from tests.daemon import Daemon, wait_for
 
 # Well below CLOSE_GRACE, and far above a loopback round trip.
@@ -121,23 +121,7 @@ def test_openssl_s_client_leaves_when_imaps_logs_out(daemon: Daemon, dovecot: Do
     """s_client's input stays open: only the server's close can end it, as for mbsync."""
     port = listener(daemon, dovecot, "imap", "implicit")
     daemon.start()
-    client = subprocess.Popen(
-        [
-            "openssl",
-            "s_client",
-            "-quiet",
-            "-connect",
-            f"127.0.0.1:{port}",
-            "-CAfile",
-            str(dovecot.ca_certificate),
-            "-verify_return_error",
-            "-servername",
-            "localhost",
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    )
+    client = s_client(port, dovecot.ca_certificate, "-quiet")
     assert client.stdin is not None and client.stdout is not None
     try:
         assert client.stdout.readline().startswith(b"* OK")
