@@ -279,7 +279,7 @@ class Journal:
                 database.put(key, value)
             database.sync()
         except db.DBError as exc:
-            raise StoreError(f"{self.map.path}: {bdb_message(exc)}") from None
+            raise StoreError(f"{self.map.path}: {bdb_message(exc, self.map.path)}") from None
         finally:
             database.close()
         self.snapshot(lock_fd, state)

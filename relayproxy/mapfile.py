@@ -91,7 +91,7 @@ class MapFile:
             database.open(self.path, dbtype=db.DB_HASH, flags=flags, mode=self.mode)
         except db.DBError as exc:
             database.close()
-            raise StoreError(f"{self.path}: {bdb_message(exc)}") from None
+            raise StoreError(f"{self.path}: {bdb_message(exc, self.path)}") from None
         return database
 
     def _open(self, flags: int, *, create: bool) -> int:
@@ -184,12 +184,19 @@ def _group_id(group: str | int) -> int:
         raise StoreError(f"unknown group {group!r}") from None
 
 
-def bdb_message(exc: Exception) -> str:
+def bdb_message(exc: Exception, path: str) -> str:
+    """Berkeley DB's error text, without its own copy of ``path`` (the caller names it).
+
+    libdb writes ``<errno text> -- [BDBnnnn function: ]<path>: <reason>``,
+    e.g. ``Is a directory -- PATH: Is a directory``: the errno text and
+    the reason are the news, once each.
+    """
     args = exc.args
     text = str(args[1] if len(args) > 1 else exc)
-    cause, _, detail = text.partition(" -- ")
-    if detail.endswith(": " + cause):
-        text = cause  # libdb's "Is a directory -- PATH: Is a directory": the path is ours to add
+    cause, sep, detail = text.partition(" -- ")
+    reason = detail.rpartition(f"{path}: ")[2] if sep and f"{path}: " in detail else ""
     if "unexpected file type or format" in text or "Invalid argument" in text:
-        return "not a Berkeley DB hash file (" + text + ")"
+        return f"not a Berkeley DB hash file ({reason or text})"
+    if reason:
+        return cause if reason == cause else f"{cause}: {reason}"
     return text

@@ -313,7 +313,7 @@ class RelayStore:
             finally:
                 database.close()  # flushes too, and can fail as sync can
         except db.DBError as exc:
-            self.journal.interrupted = bdb_message(exc)
+            self.journal.interrupted = bdb_message(exc, self.path)
             raise StoreError(f"{self.path}: {self.journal.interrupted}") from None
 
 

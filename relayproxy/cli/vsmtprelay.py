@@ -254,27 +254,6 @@ def _not_a_database(path: str) -> str | None:
     return None
 
 
-def _one_cause(message: str, path: str) -> str:
-    """A store message with Berkeley DB's repetition taken out.
-
-    Berkeley DB's text is ``<errno text> -- <its own prefix>: <path>: <reason>``,
-    so ``<path>: Is a directory -- <path>: Is a directory``; only its last
-    reason is news.
-    """
-    head = f"{path}: "
-    cause = message.removeprefix(head)
-    if cause == message or " -- " not in cause:
-        return message
-    before, _, after = cause.partition(" -- ")
-    if head not in after:
-        return message
-    reason = after.rpartition(head)[2]
-    opening = before.rfind("(")
-    if opening >= 0 and reason.endswith(")"):
-        return head + before[: opening + 1] + reason
-    return head + reason
-
-
 def _apply_spool(store: RelayStore, *, reading: bool) -> None:
     """Apply what a stopped daemon left in the spool, before the command sees the store."""
     try:
@@ -285,7 +264,7 @@ def _apply_spool(store: RelayStore, *, reading: bool) -> None:
     except StoreError as exc:
         if not reading:
             raise  # the command itself needs the same store: one error, its own
-        _warn("logins left in the spool are not applied: " + _one_cause(str(exc), store.path))
+        _warn("logins left in the spool are not applied: " + str(exc))
         return
     if applied:
         print(
@@ -350,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _apply_spool(store, reading=options.command in ("list", "dump"))
         return int(run())
     except StoreError as exc:
-        print(f"{PROG}: {_one_cause(str(exc), store.path)}", file=sys.stderr)
+        print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
 
 
