@@ -5,7 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := libdb5.3-dev db5.3-util sendmail-bin dovecot-core dovecot-pop3d dovecot-imapd \
 	curl openssl python3-venv gcc systemd man-db groff-base fail2ban logrotate \
-	sendmail-cf m4 iproute2 util-linux mount prometheus haproxy libsystemd-dev pkg-config
+	sendmail-cf m4 iproute2 util-linux mount prometheus haproxy libsystemd-dev pkg-config \
+	redis-server redis-sentinel
 STAMP := $(VENV)/.installed
 
 .PHONY: test run check lint typecheck unit system-deps venv bench fuzz clean

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from demo.dovecot import Dovecot, running_dovecot
+from demo.redis_servers import RedisGroup, RedisServer
 from tests.daemon import Daemon
 
 MAKEMAP = shutil.which("makemap") or "/usr/sbin/makemap"
@@ -99,3 +100,22 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
     yield proxy
     if proxy.process is not None and proxy.process.poll() is None:
         assert proxy.stop() == 0, proxy.log()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server of the test's own on a free loopback port (stop/kill/start it)."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (make test installs it)")
+    server = RedisServer(tmp_path / "redis")
+    with server:
+        yield server
+
+
+@pytest.fixture
+def redis_group(tmp_path: Path) -> Iterator[RedisGroup]:
+    """A real primary, one replica and three redis-sentinels (service ``relayers``)."""
+    if shutil.which("redis-sentinel") is None:
+        pytest.skip("redis-sentinel is not installed (make test installs it)")
+    with RedisGroup(tmp_path / "redis-group") as group:
+        yield group
