@@ -64,7 +64,7 @@ import os
 import socket
 import struct
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, Final
 
@@ -214,6 +214,13 @@ class RelayStore:
         with self._reading() as database:
             value = None if database is None else database.get(key.encode("ascii"))
         return None if value is None else Entry(key.encode("ascii"), value)
+
+    def lookup(self, keys: Sequence[str]) -> list[bytes | None]:
+        """Many keys under one shared lock and one open (the map server's batch)."""
+        with self._reading() as database:
+            if database is None:
+                return [None] * len(keys)
+            return [database.get(key.encode("ascii", "replace")) for key in keys]
 
     def entries(self) -> Iterator[Entry]:
         """Every entry in hash order, streamed; the shared lock is held until exhausted."""
