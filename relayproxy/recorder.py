@@ -1,8 +1,9 @@
-"""Recorder: successful logins -> batched RelayStore writes, off the reactor.
+"""Recorder: successful logins -> batched store writes, off the reactor.
 
-Owns when and what is written, never how (that is RelayStore's). Every
+Owns when and what is written, never how (that is the store's: relayers.db
+or Redis, ``relayproxy.stores``). Every
 store call runs on one worker thread, so the reactor never waits on the
-disk or on a lock another process holds.
+disk, on a lock another process holds, or on Redis.
 
 * Coalescing: an address written less than ``min_interval`` seconds ago, or
   already waiting, is not written again (a mail client polling every
@@ -11,10 +12,10 @@ disk or on a lock another process holds.
   form the next batch, one lock and one sync for all of them. Writes start
   at least ``batch_interval`` apart, which also keeps the file's mtime, that
   sendmail compares in whole seconds, in step with the clock.
-* Failures (lock held past its deadline, a missing directory, permissions)
-  are logged once per burst; the records stay pending and are retried with
-  a growing delay, so a store that comes back gets every login that
-  happened while it was away.
+* Failures (lock held past its deadline, a missing directory, permissions,
+  Redis down or failing over) are logged once per burst; the records stay
+  pending and are retried with a growing delay, so a store that comes back
+  gets every login that happened while it was away.
 * ``drain()`` writes what is pending before the process exits.
 * Durability: with a spool (``relayproxy.spool``), ``login`` appends the
   login to it before returning, so before the glue forwards the backend's
@@ -38,7 +39,7 @@ from twisted.python.failure import Failure
 
 from relayproxy.addresses import IPAddress, IPv6KeyStyle, relayer_keys
 from relayproxy.spool import Spool, SpoolError
-from relayproxy.store import RelayStore
+from relayproxy.stores import Store
 
 T = TypeVar("T")
 RunInThread = Callable[[Callable[[], T]], "Deferred[T]"]
@@ -60,7 +61,7 @@ class Recorder:
 
     def __init__(
         self,
-        store: RelayStore,
+        store: Store,
         *,
         reactor: IReactorTime,
         run_in_thread: RunInThread[Any],
@@ -128,7 +129,7 @@ class Recorder:
         self._schedule()
         return len(leftovers)
 
-    def switch_store(self, store: RelayStore, spool: Spool | None) -> None:
+    def switch_store(self, store: Store, spool: Spool | None) -> None:
         """Send logins from now on to another file (a reload that moved ``[store] path``).
 
         The old spool's logins are all pending or in flight: it is emptied and

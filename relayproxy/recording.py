@@ -19,19 +19,17 @@ from twisted.python.threadpool import ThreadPool
 from relayproxy.config import Config
 from relayproxy.recorder import Recorder
 from relayproxy.spool import Spool, SpoolError
-from relayproxy.store import RelayStore, StoreMissingError
+from relayproxy.store import StoreMissingError
+from relayproxy.stores import Store, open_store
 
 log = Logger(namespace="relayproxy")
 T = TypeVar("T")
 
 
-def _store(config: Config) -> RelayStore:
-    return RelayStore(
-        config.store.path,
-        mode=config.store.mode,
-        group=config.store.group,
-        lock_timeout=config.store.lock_timeout,
-        notice=lambda message: log.warn("store.notice message={message}", message=message),
+def _store(config: Config) -> Store:
+    return open_store(
+        config.store,
+        lambda message: log.warn("store.notice message={message}", message=message),
     )
 
 
@@ -57,7 +55,7 @@ class Recording:
         )
 
     @property
-    def store(self) -> RelayStore:
+    def store(self) -> Store:
         return self.recorder.store
 
     def _in_store_thread(self, function: Callable[[], T]) -> Deferred[T]:
@@ -104,10 +102,12 @@ class Recording:
         """A reload: new settings for the logins from now on (``old``: the running ones)."""
         recorder = self.recorder
         if config.store.path != old.store.path:
-            # The next batch goes to the new file, and so do the old spool's logins.
+            # The next batch goes to the new store, and so do the old spool's logins.
             recorder.switch_store(_store(config), Spool(config.store.path))
             self.open_spool()
         elif config.store != old.store:
+            # Another engine, Redis server or setting: the same spool, a new store
+            # for the next batch (and for what is pending).
             recorder.store = _store(config)
         recorder.reconfigure(
             ipv6_keys=config.store.ipv6_keys,

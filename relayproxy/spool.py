@@ -37,7 +37,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
-    from relayproxy.store import RelayStore
+    from relayproxy.stores import Store
 
 SPOOL_SUFFIXES: Final = (".spool-a", ".spool-b")
 _MODE: Final = 0o640
@@ -199,8 +199,11 @@ def _close_all(fds: list[int]) -> None:
         os.close(fd)
 
 
-def apply_leftovers(store: RelayStore) -> int:
+def apply_leftovers(store: Store, db_path: str | None = None) -> int:
     """Store what a stopped daemon left in the spool, then empty it; returns how many.
+
+    The spool is ``db_path``'s ([store] path), by default the store's own
+    file; a Redis store's spool is still beside ``[store] path``.
 
     For ``vsmtprelay``, before it reads or changes the store: a leftover login
     would be missing from a ``list`` until the daemon restarts, and would
@@ -211,7 +214,7 @@ def apply_leftovers(store: RelayStore) -> int:
     store write leaves the spool as it was.
     """
     fds: list[int] = []
-    paths = [store.path + suffix for suffix in SPOOL_SUFFIXES]
+    paths = [(db_path or store.path) + suffix for suffix in SPOOL_SUFFIXES]
     try:
         for path in paths:
             try:

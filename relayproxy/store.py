@@ -203,6 +203,57 @@ class RelayStore:
             return 0
         return removed
 
+    def update(self, changes: Iterable[tuple[str, int | None]]) -> int:
+        """Puts (``key -> seconds``) and deletes (``key -> None``) in one locked batch.
+
+        The last change to a key wins; returns how many keys were changed.
+        One batch is one mtime step: the mirror's round of a change stream.
+        """
+        last = {key.encode("ascii"): seconds for key, seconds in changes}
+        if not last:
+            return 0
+        ops = [(k, None if s is None else b"%d" % s) for k, s in last.items()]
+
+        def apply(database: Any) -> None:
+            for key, value in ops:
+                if value is not None:
+                    database.put(key, value)
+                elif database.get(key) is not None:
+                    database.delete(key)
+
+        journal = (encode_delete(k) if v is None else encode_put(k, v) for k, v in ops)
+        self._write(b"".join(journal), apply, create=True)
+        return len(ops)
+
+    def replace(self, items: Iterable[tuple[str, int]]) -> tuple[int, int]:
+        """Make the file hold exactly ``items``, in one locked batch; returns (written, deleted).
+
+        Only entries that differ are touched. As ``expire`` does, an entry
+        whose value is not a decimal time is left for a human. The journal
+        says "expire everything, then put these": the same end state.
+        """
+        wanted = {key.encode("ascii"): b"%d" % seconds for key, seconds in items}
+        everything = 2**63 - 1  # the journal's largest cutoff
+        counts = [0, 0]
+
+        def apply(database: Any) -> None:
+            counts[:] = [0, 0]
+            present: set[bytes] = set()
+            for cursor, (key, value) in records(database):
+                if key not in wanted and is_expired(value, everything):
+                    cursor.delete()
+                    counts[1] += 1
+                elif wanted.get(key) == value:
+                    present.add(key)
+            for key, value in wanted.items():
+                if key not in present:
+                    database.put(key, value)
+                    counts[0] += 1
+
+        journal = encode_expire(everything) + b"".join(encode_put(k, v) for k, v in wanted.items())
+        self._write(journal, apply, create=True)
+        return counts[0], counts[1]
+
     def recover(self) -> None:
         """Take the write lock and repair the file from the journal if a writer died."""
         with self.file.locked(fcntl.LOCK_EX, create=False) as lock_fd:
@@ -233,28 +284,9 @@ class RelayStore:
     def sorted_entries(self, keep: Callable[[Entry], bool] = lambda e: True) -> Iterator[Entry]:
         """Kept entries sorted by address, in memory bounded by a chunk, not the file.
 
-        The shared lock is held only while the file is read into sorted runs;
-        larger listings spill runs to temporary files and merge them.
+        The shared lock is held only while the file is read into sorted runs.
         """
-        runs: list[IO[bytes]] = []
-        chunk: list[Entry] = []
-        try:
-            for entry in self.entries():
-                if keep(entry):
-                    chunk.append(entry)
-                    if len(chunk) >= _SORT_CHUNK:
-                        runs.append(_spill(chunk))
-                        chunk = []
-            chunk.sort(key=_entry_order)
-            if not runs:
-                yield from chunk
-                return
-            runs.append(_spill(chunk))
-            chunk = []
-            yield from heapq.merge(*(_read_run(run) for run in runs), key=_entry_order)
-        finally:
-            for run in runs:
-                run.close()
+        return sorted_by_address(self.entries(), keep)
 
     # -- reading and writing under the lock --
 
@@ -325,6 +357,33 @@ class RelayStore:
 
 
 # --- sorting ----------------------------------------------------------------------
+
+
+def sorted_by_address(entries: Iterable[Entry], keep: Callable[[Entry], bool]) -> Iterator[Entry]:
+    """The kept ``entries`` sorted by address, in memory bounded by a chunk (every engine's).
+
+    ``entries`` is read to its end first, into sorted runs; larger listings
+    spill runs to temporary files and merge them.
+    """
+    runs: list[IO[bytes]] = []
+    chunk: list[Entry] = []
+    try:
+        for entry in entries:
+            if keep(entry):
+                chunk.append(entry)
+                if len(chunk) >= _SORT_CHUNK:
+                    runs.append(_spill(chunk))
+                    chunk = []
+        chunk.sort(key=_entry_order)
+        if not runs:
+            yield from chunk
+            return
+        runs.append(_spill(chunk))
+        chunk = []
+        yield from heapq.merge(*(_read_run(run) for run in runs), key=_entry_order)
+    finally:
+        for run in runs:
+            run.close()
 
 
 def _entry_order(entry: Entry) -> tuple[int, bytes, bytes]:

@@ -68,7 +68,15 @@ class Store(Protocol):
 
 
 def open_store(config: StoreConfig, notice: Notice | None = None) -> Store:
-    """The engine ``config`` names; ``notice`` hears of repairs and replaced files."""
+    """The engine ``config`` names; ``notice`` hears of repairs and replaced files.
+
+    Opening connects to nothing: a Redis store connects at its first call.
+    """
+    if config.backend == "redis":
+        # Loaded only for a Redis store: a file-only host never imports redis-py.
+        from relayproxy.redis_store import RedisStore  # noqa: PLC0415
+
+        return RedisStore.from_config(config)
     return RelayStore(
         config.path,
         mode=config.mode,

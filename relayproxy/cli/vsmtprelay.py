@@ -1,8 +1,10 @@
-"""``vsmtprelay``: the administrator's command over relayers.db.
+"""``vsmtprelay``: the administrator's command over the relayer set.
 
 Owns the command line and its exit statuses (0 done, 1 failed or an address
 was absent, 2 bad usage: nothing written). Every argument is validated
-before the database is opened, so a typo never changes the file.
+before the store is opened, so a typo never changes it. The store is the
+one ``[store]`` of the configuration names (relayers.db, or Redis with
+``backend = redis``); ``--db`` always names a file.
 
 Before a command reads or changes the store, logins that a stopped daemon
 left in its spool are applied to it (``relayproxy.spool.apply_leftovers``).
@@ -31,7 +33,8 @@ from relayproxy.addresses import (
 )
 from relayproxy.config import ConfigError, StoreConfig, find_config_path, load_config
 from relayproxy.spool import SpoolError, apply_leftovers
-from relayproxy.store import Entry, RelayStore, StoreError, StoreMissingError
+from relayproxy.store import Entry, StoreError, StoreMissingError
+from relayproxy.stores import Store, open_store
 
 PROG = "vsmtprelay"
 CLASSIC_PATH = os.path.join("~", "etc", "relayers.db")
@@ -61,10 +64,12 @@ HELP = (
     USAGE
     + """
 options:
-  --db PATH          the database (default: [store] path of the config file,
-                     else ~/etc/relayers.db)
+  --db PATH          the database file (default: [store] path of the config
+                     file, else ~/etc/relayers.db)
   --config PATH      the relayproxy INI file (default: $RELAYPROXY_CONFIG,
-                     else /etc/relayproxy/relayproxy.ini when it exists)
+                     else /etc/relayproxy/relayproxy.ini when it exists); with
+                     [store] backend = redis (and no --db) the commands work
+                     on Redis
   -h, --help         show this help
   --version          show the version
 
@@ -130,7 +135,7 @@ def _warn(message: str) -> None:
 
 
 class _Tool:
-    def __init__(self, store: RelayStore, ipv6_keys: IPv6KeyStyle, now: int) -> None:
+    def __init__(self, store: Store, ipv6_keys: IPv6KeyStyle, now: int) -> None:
         self.store = store
         self.ipv6_keys = ipv6_keys
         self.now = now
@@ -226,7 +231,8 @@ def _store_settings(db: str | None, config: str | None) -> StoreConfig:
         raise SystemExit(2) from None
     if db is None:
         return loaded
-    return dataclasses.replace(loaded, path=db)  # every other [store] setting kept
+    # Every other [store] setting kept; --db names a file even beside a Redis store.
+    return dataclasses.replace(loaded, path=db, backend="file")
 
 
 def _path_problem(path: str) -> str | None:
@@ -254,10 +260,10 @@ def _not_a_database(path: str) -> str | None:
     return None
 
 
-def _apply_spool(store: RelayStore, *, reading: bool) -> None:
+def _apply_spool(store: Store, spool_path: str, *, reading: bool) -> None:
     """Apply what a stopped daemon left in the spool, before the command sees the store."""
     try:
-        applied = apply_leftovers(store)
+        applied = apply_leftovers(store, spool_path)
     except SpoolError as exc:
         _warn(f"{exc}; logins left in the spool are not applied")
         return
@@ -307,26 +313,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     problem = _path_problem(settings.path)
     if problem:
         _fail_usage(problem)
-    store = RelayStore(
-        settings.path,
-        mode=settings.mode,
-        group=settings.group,
-        lock_timeout=settings.lock_timeout,
-        notice=_warn,
-    )
+    # Opens nothing yet: a Redis store connects at its first call.
+    store = open_store(settings, _warn)
     tool = _Tool(store, settings.ipv6_keys, int(time.time()))
     try:
         run = getattr(tool, options.command)(options.args)
     except UsageError as exc:
         _fail_usage(str(exc))
-    problem = _not_a_database(store.path)
+    problem = _not_a_database(settings.path) if settings.backend == "file" else None
     if problem:
         print(f"{PROG}: {problem}", file=sys.stderr)
         return 1
     try:
         # First, so that a delete or an expire is not undone by the daemon's
         # next start replaying the spool, and list shows every login.
-        _apply_spool(store, reading=options.command in ("list", "dump"))
+        _apply_spool(store, settings.path, reading=options.command in ("list", "dump"))
         return int(run())
     except StoreError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
