@@ -145,12 +145,18 @@ class Recorder:
         return self.spooler.spool
 
     def reconfigure(
-        self, *, ipv6_keys: IPv6KeyStyle, exclude: Sequence[Network], min_interval: float
+        self,
+        *,
+        ipv6_keys: IPv6KeyStyle,
+        exclude: Sequence[Network],
+        min_interval: float,
+        batch_interval: float = 1.0,
     ) -> None:
         """New settings (a reload) for the logins from now on."""
         self._ipv6_keys = ipv6_keys
         self._exclude = tuple(exclude)
         self._min_interval = min_interval
+        self._batch_interval = batch_interval
 
     @property
     def pending(self) -> int:
