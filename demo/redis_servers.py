@@ -59,11 +59,19 @@ class RedisServer:
     """One redis-server on 127.0.0.1:port, its config and data under ``directory``."""
 
     def __init__(
-        self, directory: Path, port: int | None = None, *, replica_of: int | None = None
+        self,
+        directory: Path,
+        port: int | None = None,
+        *,
+        replica_of: int | None = None,
+        persistent: bool = False,
     ) -> None:
         self.directory = directory
         self.port = port if port is not None else _free_ports("127.0.0.1", 1)[0]
         self.replica_of = replica_of
+        # An append-only file synced at every write, as a fleet's Redis should run:
+        # a SIGKILL then loses nothing it acknowledged.
+        self.persistent = persistent
         self.process: subprocess.Popen[bytes] | None = None
         self.log = directory / "redis.log"
 
@@ -80,7 +88,8 @@ class RedisServer:
             f"dir {self.directory}",
             f"logfile {self.log}",
             "save ''",
-            "appendonly no",
+            f"appendonly {'yes' if self.persistent else 'no'}",
+            "appendfsync always",
             "protected-mode no",
             "daemonize no",
         ]
