@@ -179,21 +179,29 @@ class Dovecot:
         """The user's INBOX Maildir as seen from outside the chroot."""
         return self.mail_root / user / "Maildir"
 
-    def start(self) -> None:
-        """Write everything, start the master, return once every listener accepts."""
+    def start(self, *, same_ports: bool = False) -> None:
+        """Write everything, start the master, return once every listener accepts.
+
+        ``same_ports``: after ``stop()``, the ports of the previous start (a
+        backend coming back at the address its clients know).
+        """
         if self.running:
             raise DovecotError("Dovecot is already running")
         try:
             self._prepare()
             # A port found free can be taken before Dovecot binds it: then pick again.
+            # Ports asked for again are not swapped for others when taken.
+            same_ports = same_ports and self._ports is not None
             for attempt in itertools.count(1):
-                self._ports = DovecotPorts(*_free_ports(self.host, len(fields(DovecotPorts))))
+                if not same_ports:
+                    self._ports = DovecotPorts(*_free_ports(self.host, len(fields(DovecotPorts))))
                 self._write_config()
                 try:
                     self._spawn_and_wait()
                     return
                 except DovecotError as error:
-                    if attempt >= _START_ATTEMPTS or "Address already in use" not in str(error):
+                    taken = "Address already in use" in str(error)
+                    if attempt >= _START_ATTEMPTS or not taken or same_ports:
                         raise
         except BaseException:
             self.stop()

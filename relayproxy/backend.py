@@ -3,9 +3,11 @@
 The backend half of ``twisted.protocols.portforward`` (its ``ProxyClient``):
 connected only once a client is admitted; the proxy's PROXY header and
 implicit TLS go first (``tls_start``); before login its bytes go to the
-login phase, after the splice to the client. A backend that cannot be
-reached, or whose TLS handshake fails, is the same to the client: a refusal
-in its protocol, then the close.
+login phase, after the splice to the client. The listener's backends are
+tried in the order ``relayproxy.backends`` gives, one connect at a time,
+until one answers; the client, which has not been greeted yet, sees none
+of it. When none answers, or the one that did fails its TLS handshake, the
+client gets a temporary refusal in its protocol, then the close.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from OpenSSL import SSL
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
+from relayproxy.backends import Attempt
+from relayproxy.config import HostPort
 from relayproxy.proxy_header import header_for_backend
 from relayproxy.relay import no_delay
 from relayproxy.tls import BackendIdentityError
@@ -23,28 +27,49 @@ from relayproxy.tls import BackendIdentityError
 if TYPE_CHECKING:
     from relayproxy.proxy import FrontendProtocol
 
-UNAVAILABLE = "backend unavailable, try again later"
+# Temporary failures a client may retry, not a login refused: POP3's
+# SYS/TEMP (RFC 3206) and IMAP's UNAVAILABLE (RFC 5530) say so to clients
+# that read response codes; the text says it to people.
+UNAVAILABLE = {
+    "pop3": "[SYS/TEMP] backend unavailable, try again later",
+    "imap": "[UNAVAILABLE] backend unavailable, try again later",
+}
 
 
 class BackendSide:
     def __init__(self, session: FrontendProtocol) -> None:
         self.session = session
+        self.backend: HostPort | None = None  # the one that answered
+        self._untried: list[HostPort] = []
+        self._attempt: Attempt | None = None
 
     def connect(self) -> None:
+        runtime = self.session.runtime
         self.session.links.backend_connecting = True
-        connecting = self.session.runtime.connect_backend(_BackendFactory(self))
-        connecting.addErrback(self._unreachable)
+        self._untried = runtime.backends.order(runtime.reactor.seconds())
+        self._try_next()
+
+    def _try_next(self) -> None:
+        runtime = self.session.runtime
+        backend = self._untried.pop(0)
+        self._attempt = attempt = runtime.backends.attempt(backend)
+        connecting = runtime.connect_backend(backend, _BackendFactory(self))
+        connecting.addErrback(self._failed, attempt)
 
     def connected(self, transport: Any) -> None:
         session, links = self.session, self.session.links
         links.backend, links.backend_open, links.backend_connecting = transport, True, False
+        assert self._attempt is not None
+        self.backend = self._attempt.backend
+        if session.runtime.backends.answered(self._attempt):
+            session.log("backend.recovered", backend=str(self.backend))
         if session.closing:
             transport.loseConnection()
             return
         assert session.client is not None
         version = session.runtime.config.proxy_protocol_out
         header = header_for_backend(version, session.client, session.client_port, session.local)
-        session.tls.backend_connected(transport, header)
+        session.tls.backend_connected(transport, header, self.backend)
 
     def data(self, data: bytes) -> None:
         session = self.session
@@ -60,18 +85,27 @@ class BackendSide:
             session.log("tls.error side=backend", error=reason.getErrorMessage())
             # A certificate not for the backend, among other reasons: as far
             # as the client can tell, the backend is unreachable.
-            if session.login is not None and not session.closing:
-                session.login.refuse(UNAVAILABLE)
+            self._refuse()
         session.ended()
 
-    def _unreachable(self, reason: Failure) -> None:
-        session = self.session
+    def _failed(self, reason: Failure, attempt: Attempt) -> None:
+        session, backends = self.session, self.session.runtime.backends
+        if backends.failed(attempt, session.runtime.reactor.seconds()):
+            error = reason.getErrorMessage()
+            session.log("backend.unreachable", backend=str(attempt.backend), error=error)
+        if self._untried and not session.closing:
+            self._try_next()
+            return
         session.links.backend_connecting = False
-        backend = str(session.runtime.config.backend)
-        session.log("backend.unreachable", backend=backend, error=reason.getErrorMessage())
-        if session.login is not None:
-            session.login.refuse(UNAVAILABLE)
+        if not session.closing:
+            session.log("connection.refused", reason="no backend answered")
+        self._refuse()
         session.ended()
+
+    def _refuse(self) -> None:
+        session = self.session
+        if session.login is not None and not session.closing:
+            session.login.refuse(UNAVAILABLE[session.runtime.config.protocol])
 
 
 class _BackendProtocol(Protocol):

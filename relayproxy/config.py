@@ -15,6 +15,7 @@ import ipaddress
 import os
 import pwd
 import re
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +55,20 @@ class StoreConfig:
     lock_timeout: float = 10.0
     # The window a power failure can lose; 0 syncs every login (on the reactor).
     sync_interval: float = 1.0
+    # backend = redis: the relayer set lives on Redis, ``path`` only names the spool.
+    backend: str = "file"
+    ttl: int = 1440  # minutes: Redis expires an entry at its time + ttl
+    # Passwords may be in these: never in a repr that could reach a log.
+    redis_url: str | None = field(default=None, repr=False)
+    sentinels: tuple[HostPort, ...] = ()
+    service_name: str | None = None
+    redis_password: str | None = field(default=None, repr=False)
+    sentinel_password: str | None = field(default=None, repr=False)
+    redis_db: int = 0
+    redis_prefix: str = ""
+    redis_stream: str = "relayproxy:changes"
+    redis_min_replicas: int = 0
+    redis_timeout: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -83,11 +98,33 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class MapConfig:
+    """relayproxy-map, the socketmap server: read by that program only."""
+
+    listen: HostPort | None = None  # required by relayproxy-map
+    # Minutes, like [store] ttl and `vsmtprelay expire`: older entries are NOTFOUND.
+    max_age: int = 1440
+    max_connections: int = 1000
+
+
+@dataclass(frozen=True)
+class MirrorConfig:
+    """``relayproxy-mirror``: the local hash file it keeps equal to the set on Redis."""
+
+    path: str | None = None  # no [mirror] section: relayproxy-mirror has nothing to write
+    mode: int = 0o644
+    group: str | None = None
+    # Redis expires relayers itself, silently: the file is expired this often.
+    expire_interval: float = 60.0
+
+
+@dataclass(frozen=True)
 class ListenerConfig:
     name: str
     protocol: str
     listen: HostPort
-    backend: HostPort
+    # One or more, tried in the order ``backend_balance`` says.
+    backend: tuple[HostPort, ...]
     tls: str = "none"
     certificate: str | None = None
     private_key: str | None = None
@@ -95,6 +132,12 @@ class ListenerConfig:
     backend_tls: str = "none"
     backend_ca: str | None = None
     backend_verify: bool = True
+    # first: every client to the first backend that answers (failover), the
+    # default because Dovecot backends sharing mail storage want each user on
+    # one of them; roundrobin: each client to the next.
+    backend_balance: str = "first"
+    # Seconds a backend that failed to answer is tried only after the others.
+    backend_retry: float = 30.0
     proxy_protocol_in: tuple[Network, ...] = ()
     proxy_protocol_out: str = "none"
     preauth_timeout: float = 60.0
@@ -114,6 +157,8 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    map: MapConfig = field(default_factory=MapConfig)
+    mirror: MirrorConfig = field(default_factory=MirrorConfig)
     listeners: tuple[ListenerConfig, ...] = ()
 
 
@@ -227,6 +272,26 @@ def _host_port(text: str) -> HostPort:
     return HostPort(host, port)
 
 
+def _backend_list(text: str) -> tuple[HostPort, ...]:
+    backends: list[HostPort] = []
+    seen: set[tuple[str, int]] = set()
+    if not text:
+        raise ValueError("is empty (one or more host:port, comma-separated)")
+    for word in (w.strip() for w in text.split(",")):
+        if not word:
+            raise ValueError(f"{text!r} has an empty entry (host:port, host:port, ...)")
+        backend = _host_port(word)
+        try:
+            host = str(ipaddress.ip_address(backend.host))  # ::1 and 0::1 are one backend
+        except ValueError:
+            host = backend.host.lower()
+        if (host, backend.port) in seen:
+            raise ValueError(f"{word} is listed twice")
+        seen.add((host, backend.port))
+        backends.append(backend)
+    return tuple(backends)
+
+
 def _log_target(text: str) -> str:
     if text in ("stderr", "syslog", "journald"):
         return text
@@ -242,6 +307,47 @@ def _ipv6_keys(text: str) -> IPv6KeyStyle:
         raise ValueError(f"{text!r} is not one of sendmail, postfix, both") from None
 
 
+def _redis_url(text: str) -> str:
+    # Loaded only for a Redis store: a file-only host never imports redis-py.
+    from redis.connection import parse_url  # noqa: PLC0415
+
+    try:
+        parse_url(text)
+    except ValueError as exc:
+        message = str(exc).rstrip(".")
+        try:
+            password = urllib.parse.urlsplit(text).password
+        except ValueError:
+            password = None
+        if password:  # the message never quotes the password
+            message = message.replace(password, "***")
+        raise ValueError(f"is not a Redis URL: {message}") from None
+    return text
+
+
+def _host_ports(text: str) -> tuple[HostPort, ...]:
+    hosts = tuple(_host_port(word.strip()) for word in text.split(",") if word.strip())
+    if not hosts:
+        raise ValueError("names no host:port")
+    return hosts
+
+
+def _word(text: str) -> str:
+    if not text or not text.isascii() or not text.isprintable() or " " in text:
+        raise ValueError(f"{text!r} is not one word of printable ASCII")
+    return text
+
+
+def _prefix(text: str) -> str:
+    return _word(text) if text else text
+
+
+def _secret(text: str) -> str:
+    if not text:
+        raise ValueError("is empty")
+    return text
+
+
 Parsers = Mapping[str, Callable[[str], Any]]
 
 _STORE_KEYS: Parsers = {
@@ -252,7 +358,33 @@ _STORE_KEYS: Parsers = {
     "min_interval": _integer(0, 86400 * 365),
     "lock_timeout": _seconds,
     "sync_interval": _seconds_or_zero,
+    "backend": _choice("file", "redis"),
+    "ttl": _integer(1, 10**9),
+    "redis_url": _redis_url,
+    "sentinels": _host_ports,
+    "service_name": _word,
+    "redis_password": _secret,
+    "sentinel_password": _secret,
+    "redis_db": _integer(0, 1_000_000),
+    "redis_prefix": _prefix,
+    "redis_stream": _word,
+    "redis_min_replicas": _integer(0, 1000),
+    "redis_timeout": _seconds,
 }
+# Meaningful only with backend = redis; the first two are where Redis is.
+_REDIS_ONLY_KEYS = (
+    "redis_url",
+    "sentinels",
+    "service_name",
+    "redis_password",
+    "sentinel_password",
+    "redis_db",
+    "redis_prefix",
+    "redis_stream",
+    "redis_min_replicas",
+    "redis_timeout",
+)
+_SENTINEL_ONLY_KEYS = ("service_name", "redis_password", "sentinel_password", "redis_db")
 _RECORD_KEYS: Parsers = {"exclude": _networks}
 _LOG_KEYS: Parsers = {
     "format": _choice("text", "json"),
@@ -267,10 +399,23 @@ _DAEMON_KEYS: Parsers = {
     "shutdown_timeout": _seconds,
 }
 _METRICS_KEYS: Parsers = {"listen": _host_port}
+_MAP_KEYS: Parsers = {
+    "listen": _host_port,
+    "max_age": _integer(1, 10 * 366 * 1440),
+    "max_connections": _integer(1, 1_000_000),
+}
+_MIRROR_KEYS: Parsers = {
+    "path": _path,
+    "mode": _mode,
+    "group": _group,
+    "expire_interval": _seconds,
+}
 _LISTENER_KEYS: Parsers = {
     "protocol": _choice("pop3", "imap"),
     "listen": _host_port,
-    "backend": _host_port,
+    "backend": _backend_list,
+    "backend_balance": _choice("first", "roundrobin"),
+    "backend_retry": _seconds,
     "tls": _choice("none", "starttls", "implicit"),
     "certificate": _path,
     "private_key": _path,
@@ -348,6 +493,8 @@ def parse_config(text: str, source: str) -> Config:
     log: dict[str, Any] = {}
     daemon: dict[str, Any] = {}
     metrics: dict[str, Any] = {}
+    map_: dict[str, Any] = {}
+    mirror: dict[str, Any] = {}
     listeners: list[ListenerConfig] = []
     for name in parser.sections():
         raw = dict(parser.items(name))
@@ -363,6 +510,14 @@ def parse_config(text: str, source: str) -> Config:
             metrics = reader.section(name, raw, _METRICS_KEYS)
             if "listen" not in raw:
                 reader.problem(name, "listen", "missing (the section serves nothing without it)")
+        elif name == "map":
+            map_ = reader.section(name, raw, _MAP_KEYS)
+            if "listen" not in raw:
+                reader.problem(name, "listen", "missing (relayproxy-map listens there)")
+        elif name == "mirror":
+            mirror = reader.section(name, raw, _MIRROR_KEYS)
+            if "path" not in raw:
+                reader.problem(name, "path", "missing (the file the mirror writes)")
         elif name.startswith("listener:") and name[len("listener:") :]:
             listener = _listener(reader, name, raw)
             if listener is not None:
@@ -371,10 +526,13 @@ def parse_config(text: str, source: str) -> Config:
             reader.problem(
                 name,
                 None,
-                "unknown section (known: store, record, log, daemon, metrics, listener:NAME)",
+                "unknown section (known: store, record, log, daemon, metrics, mirror, map, "
+                "listener:NAME)",
             )
+    _check_store(reader, store, dict(parser.items("store")) if "store" in parser else {})
     _check_listeners(reader, listeners)
     _check_metrics(reader, metrics.get("listen"), listeners)
+    _check_mirror(reader, mirror, store)
     if reader.problems:
         raise ConfigError(reader.problems)
     return Config(
@@ -384,6 +542,8 @@ def parse_config(text: str, source: str) -> Config:
         log=LogConfig(**log),
         daemon=DaemonConfig(**daemon),
         metrics=MetricsConfig(**metrics),
+        map=MapConfig(**map_),
+        mirror=MirrorConfig(**mirror),
         listeners=tuple(listeners),
     )
 
@@ -414,6 +574,28 @@ def _listener(reader: _Reader, section: str, raw: Mapping[str, str]) -> Listener
     return ListenerConfig(name=section[len("listener:") :], **values)
 
 
+def _check_store(reader: _Reader, values: Mapping[str, Any], raw: Mapping[str, str]) -> None:
+    """Where Redis is must be said once, one way, and only with backend = redis."""
+    if values.get("backend", "file") != "redis":
+        for key in _REDIS_ONLY_KEYS:
+            if key in raw:
+                reader.problem("store", key, "is a Redis setting (backend = redis)")
+        return
+    has_url, has_sentinels = "redis_url" in raw, "sentinels" in raw
+    if has_url and has_sentinels:
+        reader.problem("store", "sentinels", "and redis_url both say where Redis is: pick one")
+    elif not has_url and not has_sentinels:
+        reader.problem("store", "backend", "redis needs redis_url, or sentinels and service_name")
+    if has_sentinels and "service_name" not in raw:
+        reader.problem("store", "service_name", "missing (required with sentinels)")
+    if has_url:
+        for key in _SENTINEL_ONLY_KEYS:
+            if key in raw:
+                reader.problem(
+                    "store", key, "is a sentinels setting (with redis_url, put it in the URL)"
+                )
+
+
 def _check_listeners(reader: _Reader, listeners: list[ListenerConfig]) -> None:
     seen: dict[HostPort, str] = {}
     for listener in listeners:
@@ -432,6 +614,13 @@ def _check_metrics(
     for listener in listeners:
         if listener.listen == listen:
             reader.problem("metrics", "listen", f"{listen} is also [listener:{listener.name}]")
+
+
+def _check_mirror(reader: _Reader, mirror: Mapping[str, Any], store: Mapping[str, Any]) -> None:
+    # With backend = redis, [store] path names only the proxy's spool files
+    # (PATH.spool-a/-b): the mirror may write PATH itself, where MTAs look.
+    if mirror and store.get("backend", "file") != "redis":
+        reader.problem("mirror", None, "copies the set on Redis: needs [store] backend = redis")
 
 
 def find_config_path(explicit: str | None) -> str | None:

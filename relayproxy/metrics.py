@@ -139,7 +139,7 @@ class EventMetrics:
         )
         self.backend_failures = Counter(
             PREFIX + "backend_connect_failures",
-            "Connections to the backend that failed (backend.unreachable)",
+            "Times a backend stopped answering connects (backend.unreachable)",
             ["listener", "backend"],
             registry=registry,
         )
@@ -184,7 +184,8 @@ class EventMetrics:
         for listener in config.listeners:
             for side in TLS_SIDES:
                 self.tls_failures.labels(listener.name, side)
-            self.backend_failures.labels(listener.name, str(listener.backend))
+            for backend in listener.backend:
+                self.backend_failures.labels(listener.name, str(backend))
 
     # -- one handler per event; the factories run once per format string --
 

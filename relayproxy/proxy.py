@@ -29,7 +29,8 @@ from twisted.python.failure import Failure
 
 from relayproxy.addresses import AddressError, IPAddress, peer_address
 from relayproxy.backend import BackendSide
-from relayproxy.config import ListenerConfig, Network
+from relayproxy.backends import Backends
+from relayproxy.config import HostPort, ListenerConfig, Network
 from relayproxy.descriptors import SessionBudget
 from relayproxy.login_phase import LoginPhase
 from relayproxy.protocols.common import ClientOrigin, Watcher
@@ -47,6 +48,8 @@ from relayproxy.tls_start import SessionTLS
 
 # Seconds a closing connection may take to flush and finish its TLS close.
 CLOSE_GRACE = 10.0
+# Seconds a backend has to accept a connection before the next one is tried.
+BACKEND_CONNECT_TIMEOUT = 10.0
 
 
 class ConnectionLimits:
@@ -98,20 +101,22 @@ class ListenerRuntime:
             self.config.max_connections, self.config.max_connections_per_ip, self.budget
         )
         self.sessions: set[FrontendProtocol] = set()
-        self._backend_endpoint = self._make_backend_endpoint()
+        config = self.config
+        self.backends = Backends(config.backend, config.backend_balance, config.backend_retry)
+        self._backend_endpoints = {b: self._make_backend_endpoint(b) for b in config.backend}
 
-    def _make_backend_endpoint(self) -> Any:
+    def _make_backend_endpoint(self, backend: HostPort) -> Any:
         # Built once: a HostnameEndpoint per connection costs a resolver
         # round trip through a thread even for an address literal.
-        backend = self.config.backend
         endpoint: Any
+        timeout = BACKEND_CONNECT_TIMEOUT
         try:
             address = peer_address(backend.host)
         except AddressError:
-            endpoint = HostnameEndpoint(self.reactor, backend.host, backend.port, timeout=10)
+            endpoint = HostnameEndpoint(self.reactor, backend.host, backend.port, timeout=timeout)
         else:
             kind = TCP4ClientEndpoint if address.version == 4 else TCP6ClientEndpoint
-            endpoint = kind(self.reactor, backend.host, backend.port, timeout=10)
+            endpoint = kind(self.reactor, backend.host, backend.port, timeout=timeout)
         return endpoint
 
     def trusts_proxy_header_from(self, host: str) -> bool:
@@ -124,8 +129,8 @@ class ListenerRuntime:
         networks: tuple[Network, ...] = self.config.proxy_protocol_in
         return any(address in network for network in networks)
 
-    def connect_backend(self, factory: Factory) -> Deferred[Any]:
-        return self._backend_endpoint.connect(factory)  # type: ignore[no-any-return]
+    def connect_backend(self, backend: HostPort, factory: Factory) -> Deferred[Any]:
+        return self._backend_endpoints[backend].connect(factory)  # type: ignore[no-any-return]
 
 
 class ProxyFactory(Factory):

@@ -133,12 +133,13 @@ class RelayProxyService(Service):
             ) from None
         log.info(
             "listener.ready listener={listener} protocol={protocol} address={address} "
-            "tls={tls} backend={backend}",
+            "tls={tls} backend={backend} balance={balance}",
             listener=listener.name,
             protocol=listener.protocol,
             address=str(listener.listen),
             tls=listener.tls,
-            backend=str(listener.backend),
+            backend=",".join(str(backend) for backend in listener.backend),
+            balance=listener.backend_balance,
         )
         return _Listening(port, factory)
 
@@ -213,7 +214,9 @@ class RelayProxyService(Service):
 
     def _retire(self, runtime: ListenerRuntime, successor: ListenerRuntime | None) -> None:
         if successor is not None:
-            # One count of open connections per listener, across reloads.
+            # One count of open connections per listener, across reloads, and
+            # one record of each backend's health: one backend.unreachable.
+            successor.backends.carry_over(runtime.backends)
             successor.limits = runtime.limits
             successor.limits.total = successor.config.max_connections
             successor.limits.per_address = successor.config.max_connections_per_ip

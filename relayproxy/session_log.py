@@ -57,9 +57,15 @@ SESSION_EVENTS: dict[str, tuple[LogLevel, str]] = {
         LogLevel.warn,
         "tls.error side=backend client={client} listener={listener} error={error}",
     ),
+    # A backend's changes, not a session's: said once by the session that
+    # saw the change (``relayproxy.backends``), so no client is named.
     "backend.unreachable": (
         LogLevel.error,
-        "backend.unreachable client={client} listener={listener} backend={backend} error={error}",
+        "backend.unreachable listener={listener} backend={backend} error={error}",
+    ),
+    "backend.recovered": (
+        LogLevel.info,
+        "backend.recovered listener={listener} backend={backend}",
     ),
     "protocol.error": (
         LogLevel.warn,

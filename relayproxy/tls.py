@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +24,7 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relayproxy.config import ListenerConfig
+from relayproxy.config import HostPort, ListenerConfig
 
 _PEM_CERTIFICATE = re.compile(
     rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL
@@ -48,10 +48,11 @@ class TLSConfigError(Exception):
 
 @dataclass(frozen=True)
 class ListenerTLS:
-    """What the glue needs: a server context for clients, a creator for the backend."""
+    """What the glue needs: a server context for clients, a creator for each backend."""
 
     server: ssl.CertificateOptions | None
-    backend: BackendTLS | None
+    # One per backend: each is verified for its own name.
+    backend: Mapping[HostPort, BackendTLS] | None
 
 
 def _read(path: str, where: str, problems: list[str]) -> bytes | None:
@@ -124,13 +125,20 @@ def _server_options(
 
 def _backend_options(
     listener: ListenerConfig, section: str, problems: list[str]
-) -> BackendTLS | None:
-    host = listener.backend.host
+) -> Mapping[HostPort, BackendTLS] | None:
     if not listener.backend_verify:
         # Encrypted, but anyone on the path could be the backend: the operator's choice.
-        return ssl.CertificateOptions(verify=False, raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
+        unverified = ssl.CertificateOptions(verify=False, raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
+        return dict.fromkeys(listener.backend, unverified)
+    trust = _backend_trust(listener, section, problems)
+    if trust is None:
+        return None
+    return {backend: BackendNameCheck(backend.host, trust) for backend in listener.backend}
+
+
+def _backend_trust(listener: ListenerConfig, section: str, problems: list[str]) -> Any:
     if listener.backend_ca is None:
-        return BackendNameCheck(host, ssl.platformTrust())  # type: ignore[no-untyped-call]
+        return ssl.platformTrust()  # type: ignore[no-untyped-call]
     pem = _read(listener.backend_ca, f"{section} backend_ca", problems)
     if pem is None:
         return None
@@ -142,8 +150,7 @@ def _backend_options(
     if not authorities:
         problems.append(f"{section} backend_ca: no PEM certificate in {listener.backend_ca}")
         return None
-    trust = ssl.trustRootFromCertificates(authorities)  # type: ignore[no-untyped-call]
-    return BackendNameCheck(host, trust)
+    return ssl.trustRootFromCertificates(authorities)  # type: ignore[no-untyped-call]
 
 
 @implementer(IOpenSSLClientConnectionCreator)

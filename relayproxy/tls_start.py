@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from relayproxy.config import ListenerConfig
+from relayproxy.config import HostPort, ListenerConfig
 from relayproxy.tls import ListenerTLS
 from relayproxy.twisted_private import feed_tls_layer
 
@@ -25,6 +25,7 @@ class SessionTLS:
         self.client_implicit = config.tls == "implicit"
         self._backend_implicit = config.backend_tls == "implicit"
         self._tls = tls
+        self._backend: HostPort | None = None  # the one connected: its name is verified
 
     def client_accepted(self, transport: Any) -> None:
         if self.client_implicit:
@@ -38,12 +39,13 @@ class SessionTLS:
         assert self._tls.server is not None  # config checked: a TLS listener has a certificate
         transport.startTLS(self._tls.server)
 
-    def backend_connected(self, transport: Any, header: bytes) -> None:
+    def backend_connected(self, transport: Any, header: bytes, backend: HostPort) -> None:
+        self._backend = backend
         if header:
             transport.write(header)
         if self._backend_implicit:
             self.start_backend(transport)
 
     def start_backend(self, transport: Any) -> None:
-        assert self._tls.backend is not None
-        transport.startTLS(self._tls.backend)
+        assert self._tls.backend is not None and self._backend is not None
+        transport.startTLS(self._tls.backend[self._backend])

@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -69,7 +69,10 @@ class Daemon:
     def log_path(self) -> Path:
         return self.directory / "relayproxy.log"
 
-    def listener(self, name: str, **settings: str) -> int:
+    def listener(self, name: str, *, backends: Sequence[str] = (), **settings: str) -> int:
+        """A listener section; ``backends`` is its ``backend`` list, in order."""
+        if backends:
+            settings["backend"] = ", ".join(backends)
         port = free_port()
         self.listeners.append(Listener(name, port, settings))
         return port

@@ -23,6 +23,7 @@ from relayproxy.proxy import FrontendProtocol, ListenerRuntime
 from relayproxy.tls import ListenerTLS
 
 CLIENT = "192.0.2.7"
+BACKEND = HostPort("198.51.100.1", 110)
 WATCHER_CALLS = ("client_data", "server_data", "client_tls_started", "client_closed")
 
 
@@ -69,7 +70,9 @@ class RecorderForGlueTest:
 class Glue:
     """One session: the frontend, its client transport, and the backend once connected."""
 
-    def __init__(self, *, usernames: bool = True, **settings: Any) -> None:
+    def __init__(
+        self, *, usernames: bool = True, backend: tuple[HostPort, ...] = (BACKEND,), **settings: Any
+    ) -> None:
         self.reactor = MemoryReactorClock()
         self.watcher = ScriptedWatcherForGlueTest()
         self.recorder = RecorderForGlueTest()
@@ -78,7 +81,7 @@ class Glue:
             name="glue",
             protocol="pop3",
             listen=HostPort("192.0.2.1", 110),
-            backend=HostPort("198.51.100.1", 110),
+            backend=backend,
             **settings,
         )
 
@@ -110,7 +113,7 @@ class Glue:
     def connect_backend(self) -> None:
         """The backend accepts the connection the glue started."""
         host, port, factory, _, _ = self.reactor.tcpClients[-1]
-        assert (host, port) == ("198.51.100.1", 110)
+        assert HostPort(host, port) in self.runtime.config.backend
         self.backend_protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
         self.backend_protocol.makeConnection(self.backend)
 

@@ -25,8 +25,8 @@ from tests.test_imap_proxy import IMAP4From
 from tests.test_pop3_proxy import POP3From
 
 REFUSAL = {
-    "pop3": b"-ERR backend unavailable, try again later\r\n",
-    "imap": b"* BYE backend unavailable, try again later\r\n",
+    "pop3": b"-ERR [SYS/TEMP] backend unavailable, try again later\r\n",
+    "imap": b"* BYE [UNAVAILABLE] backend unavailable, try again later\r\n",
 }
 # Sent at once on connecting, before any greeting: whatever reaches the
 # backend, reaches it before the proxy could know better.

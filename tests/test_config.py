@@ -116,3 +116,47 @@ def test_all_problems_are_reported_at_once() -> None:
 def test_an_unreadable_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"missing\.ini: cannot read: No such file"):
         load_config(str(tmp_path / "missing.ini"))
+
+
+LISTENER = "[listener:a]\nprotocol = pop3\nlisten = 127.0.0.1:110\n"
+
+
+def test_a_listener_takes_several_backends_in_order_with_a_balance_and_a_retry() -> None:
+    config = parse_config(
+        LISTENER + "backend = 10.0.0.1:110, mail.example:1110 ,[2001:db8::1]:110\n"
+        "backend_balance = roundrobin\nbackend_retry = 2.5\n",
+        "f.ini",
+    )
+    (listener,) = config.listeners
+    assert listener.backend == (
+        HostPort("10.0.0.1", 110),
+        HostPort("mail.example", 1110),
+        HostPort("2001:db8::1", 110),
+    )
+    assert (listener.backend_balance, listener.backend_retry) == ("roundrobin", 2.5)
+
+
+def test_one_backend_is_a_list_of_one_in_failover_order_retried_after_30_seconds() -> None:
+    (listener,) = parse_config(LISTENER + "backend = 127.0.0.1:1110\n", "f.ini").listeners
+    assert listener.backend == (HostPort("127.0.0.1", 1110),)
+    assert (listener.backend_balance, listener.backend_retry) == ("first", 30.0)
+
+
+@pytest.mark.parametrize(
+    ("lines", "expected"),
+    [
+        ("backend =\n", "f.ini: [listener:a] backend: is empty (one or more host:port"),
+        ("backend = h:1,\n", "f.ini: [listener:a] backend: 'h:1,' has an empty entry"),
+        ("backend = h:1, h\n", "f.ini: [listener:a] backend: 'h' is not host:port"),
+        ("backend = h:1, h:0\n", "f.ini: [listener:a] backend: port 0 is outside 1..65535"),
+        ("backend = [::1]:1, [0::1]:1\n", "f.ini: [listener:a] backend: [0::1]:1 is listed twice"),
+        ("backend = H:1, h:2, h:1\n", "f.ini: [listener:a] backend: h:1 is listed twice"),
+        ("backend = h:1\nbackend_balance = random\n", "f.ini: [listener:a] backend_balance: "),
+        ("backend = h:1\nbackend_retry = 0\n", "f.ini: [listener:a] backend_retry: '0' must"),
+        ("backend_retry = 5\n", "f.ini: [listener:a] backend: missing"),
+    ],
+)
+def test_a_bad_backend_list_names_the_entry_and_what_is_wrong(lines: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        parse_config(LISTENER + lines, "f.ini")
+    assert any(line.startswith(expected) for line in error.value.problems), error.value.problems
