@@ -132,3 +132,18 @@ def relayer_keys(address: IPAddress, style: IPv6KeyStyle) -> tuple[str, ...]:
 def all_relayer_keys(address: IPAddress) -> tuple[str, ...]:
     """Every key any style may have written for ``address``: what a delete removes."""
     return relayer_keys(address, IPv6KeyStyle.BOTH)
+
+
+def lookup_keys(text: str, style: IPv6KeyStyle) -> tuple[str, ...]:
+    """The store keys an MTA's lookup key ``text`` may be under (empty: not an address).
+
+    Folds what the MTAs send to what ``[store] ipv6_keys`` writes: sendmail's
+    ``IPv6:2001:db8:0:0:0:0:0:1`` in any case (a socket map is not folded as
+    its hash map is), Postfix's compressed ``2001:db8::1``, an IPv4-mapped
+    ``::ffff:192.0.2.1``. With ``both``, either key is there.
+    """
+    try:
+        address = parse_client_address(text)
+    except AddressError:
+        return ()
+    return relayer_keys(address, style)

@@ -103,8 +103,11 @@ def open_tmp() -> Iterator[Path]:
 # sendmail
 
 
-def build_sendmail_cf(directory: Path, db_base: Path) -> Path:
-    """sendmail.cf from a minimal Debian-style .mc plus config/sendmail/relayproxy.mc."""
+def build_sendmail_cf(directory: Path, db_base: Path, lines: str | None = None) -> Path:
+    """sendmail.cf from a minimal Debian-style .mc plus config/sendmail/relayproxy.mc.
+
+    ``lines``: other .mc lines in its place (another recipe; ``db_base`` unused).
+    """
     if not (CF_DIR / "feature" / "drac.m4").exists() or shutil.which("m4") is None:
         pytest.skip("needs sendmail-cf and m4 (make test installs them with apt)")
     mc = directory / "test.mc"
@@ -114,7 +117,7 @@ def build_sendmail_cf(directory: Path, db_base: Path) -> Path:
         f"include(`{CF_DIR}/m4/cf.m4')dnl\n"
         "OSTYPE(`debian')dnl\n"
         "DOMAIN(`debian-mta')dnl\n"
-        + recipe("sendmail/relayproxy.mc", db_base)
+        + (recipe("sendmail/relayproxy.mc", db_base) if lines is None else lines)
         + "MAILER(`local')dnl\nMAILER(`smtp')dnl\n"
     )
     cf = directory / "test.cf"
