@@ -51,6 +51,9 @@ bench: venv
 	$(PY) bench/logins.py
 	$(PY) bench/memory.py
 	$(PY) bench/durability.py
+	$(PY) bench/redis_store.py
+	$(PY) bench/mapserver.py
+	$(PY) bench/mirror_lag.py
 
 # Issue 9: generated POP3/IMAP dialogues through relayproxy to a real Dovecot; prints counts
 # per class and fails on any false or missed record. FUZZ_ARGS="--seed N --count M" to vary.
