@@ -21,10 +21,11 @@ from collections.abc import Sequence
 
 from twisted.internet import epollreactor
 
-epollreactor.install()  # type: ignore[no-untyped-call]
+if "twisted.internet.reactor" not in sys.modules:  # bench/harness.py's uvloop prelude ran
+    epollreactor.install()  # type: ignore[no-untyped-call]
 
-from twisted.internet import reactor  # noqa: E402
-from twisted.protocols.portforward import ProxyFactory  # noqa: E402
+from twisted.internet import reactor
+from twisted.protocols.portforward import ProxyFactory
 
 
 def main(argv: Sequence[str] | None = None) -> int:

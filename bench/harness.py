@@ -461,14 +461,40 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
-def start_bare_relay(directory: Path, backends: dict[Key, int]) -> Target:
+# The reactors a measured Twisted process can run on: epoll (Twisted's default on
+# Linux, what relayproxy uses), or Twisted's asyncioreactor over uvloop's event loop,
+# installed by a prelude before the program imports the reactor.
+REACTORS = ("epoll", "uvloop")
+UVLOOP_PRELUDE = (
+    "import uvloop; from twisted.internet import asyncioreactor;"
+    " asyncioreactor.install(uvloop.new_event_loop())"
+)
+
+
+def python_command(reactor: str, script: Path | None = None, module: str = "") -> list[str]:
+    """This Python running `script` (or `module`) on `reactor`; append its arguments."""
+    if reactor == "epoll":
+        return [sys.executable, *([str(script)] if script is not None else ["-m", module])]
+    if reactor != "uvloop":
+        raise BenchError(f"unknown reactor {reactor!r}: choose from {', '.join(REACTORS)}")
+    run = (
+        f"runpy.run_path({str(script)!r}, run_name='__main__')"
+        if script is not None
+        else f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)"
+    )
+    return [sys.executable, "-c", f"{UVLOOP_PRELUDE}; import runpy; {run}"]
+
+
+def start_bare_relay(
+    directory: Path, backends: dict[Key, int], *, reactor: str = "epoll", name: str = "bare-relay"
+) -> Target:
     keys = list(backends)
-    command = [sys.executable, str(BENCH / "bare_relay.py")]
+    command = python_command(reactor, BENCH / "bare_relay.py")
     command += [f"{HOST}:{backends[key]}" for key in keys]
-    process = Process("bare-relay", command, directory)
+    process = Process(name, command, directory)
     process.start()
     ports = [int(port) for port in process.first_line("ports=").split(",")]
-    return Target("bare-relay", dict(zip(keys, ports, strict=True)), process)
+    return Target(name, dict(zip(keys, ports, strict=True)), process)
 
 
 HAPROXY_GLOBAL = """\
@@ -569,14 +595,16 @@ def start_relayproxy(
     profile: Path | None = None,
     tree: Path = ROOT,
     name: str = "relayproxy",
+    reactor: str = "epoll",
+    workers: int = 1,
 ) -> Relayproxy:
-    """The daemon of `tree` (its cwd and PYTHONPATH) under this Python, called `name`,
-    its files in `directory`; returns once it listens."""
+    """The daemon of `tree` (its cwd and PYTHONPATH) under this Python on `reactor`,
+    called `name`, its files in `directory`; returns once it listens."""
     directory.mkdir(parents=True, exist_ok=True)
     ports = dict(zip(backends, free_ports(len(backends)), strict=True))
     lines = ["[store]", f"path = {directory / 'relayers.db'}", "min_interval = 0", ""]
     lines += ["[log]", f"target = file:{directory / 'relayproxy.log'}", ""]
-    lines += ["[daemon]", "allow_root = yes", ""]
+    lines += ["[daemon]", "allow_root = yes", f"workers = {workers}", ""]
     for (backend, protocol), port in ports.items():
         lines += [
             f"[listener:{backend}-{protocol}]",
@@ -589,10 +617,12 @@ def start_relayproxy(
         lines += [""]
     config = directory / "relayproxy.ini"
     config.write_text("\n".join(lines))
-    command = [sys.executable]
     if profile is not None:
-        command += ["-m", "cProfile", "-o", str(profile)]
-    command += ["-m", "relayproxy.cli.daemon", "--config", str(config)]
+        command = [sys.executable, "-m", "cProfile", "-o", str(profile)]
+        command += ["-m", "relayproxy.cli.daemon"]
+    else:
+        command = python_command(reactor, module="relayproxy.cli.daemon")
+    command += ["--config", str(config)]
     environment = dict(os.environ, PYTHONPATH=str(tree))
     process = Process(name, command, directory, environment, cwd=tree)
     process.start()

@@ -36,12 +36,17 @@ missing from its relayers.db.
 
     .venv/bin/python bench/logins.py [--protocols pop3,imap] [--backends dovecot,stub]
         [--targets direct,haproxy,bare-relay,relayproxy] [--logins N] [--round-size N]
-        [--concurrency C] [--quick] [--profile FILE] [--py-spy FILE]
+        [--concurrency C] [--quick] [--profile FILE] [--py-spy FILE] [--uvloop] [--before TREE]
 
 `--logins` counts per target, backend, protocol and client mode (one client,
 C clients). `--quick` is 300 logins in rounds of 50. `--profile FILE` runs
 relayproxy under cProfile; `--py-spy FILE` samples it with py-spy (raw
 collapsed stacks to FILE) and prints the functions with the most own samples.
+`--uvloop` adds bare-relay-uvloop and relayproxy-uvloop, the same programs on
+Twisted's asyncioreactor over uvloop (`pip install uvloop`), for the reactor
+comparison in the same run. `--before TREE` adds relayproxy-before, the daemon
+of another checkout's relayproxy/ (e.g. `git archive REV relayproxy | tar -x -C
+TREE`), so that before and after are measured in one run.
 """
 
 from __future__ import annotations
@@ -95,6 +100,15 @@ from demo.dovecot import DEMO_USERS, running_dovecot
 PROTOCOLS = ("pop3", "imap")
 BACKENDS = ("dovecot", "stub")
 TARGETS = ("direct", "haproxy", "bare-relay", "relayproxy")
+# The user CPU ratios reported, when both targets ran: (target, its floor).
+PAIRS = (
+    ("relayproxy", "bare-relay"),
+    ("relayproxy-uvloop", "bare-relay-uvloop"),
+    ("relayproxy-before", "bare-relay"),
+    ("relayproxy", "relayproxy-before"),
+    ("relayproxy-uvloop", "relayproxy"),
+    ("bare-relay-uvloop", "bare-relay"),
+)
 CPU_RATIO_GOAL = 1.1
 ADDED_LATENCY_GOAL_MS = 1.0
 WARMUP_LOGINS = 20
@@ -231,7 +245,7 @@ def ratio_of(group: Group, mine: str, other: str) -> float:
 
 def report(groups: Sequence[Group]) -> None:
     header = (
-        f"{'protocol':<8} {'backend':<7} {'clients':>7} {'target':<10} {'logins':>6}"
+        f"{'protocol':<8} {'backend':<7} {'clients':>7} {'target':<17} {'logins':>6}"
         f" {'logins/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'user µs':>8} {'sys µs':>7}"
         f" {'CPU µs':>7}"
     )
@@ -242,7 +256,7 @@ def report(groups: Sequence[Group]) -> None:
             if name != "direct":
                 cpu = f"{f.user_us:>8.0f} {f.system_us:>7.0f} {f.cpu_us:>7.0f}"
             print(
-                f"{group.protocol:<8} {group.backend:<7} {group.clients:>7} {name:<10}"
+                f"{group.protocol:<8} {group.backend:<7} {group.clients:>7} {name:<17}"
                 f" {f.logins:>6} {f.rate:>8.1f} {f.median_ms:>7.3f} {f.quantile_ms(0.99):>7.3f}"
                 f" {cpu}"
             )
@@ -262,17 +276,21 @@ def report(groups: Sequence[Group]) -> None:
             for name, figures in group.targets.items():
                 total.setdefault(name, Figures()).add(figures)
         print(f"{protocol} {backend}:")
-        relay, bare = total.get("relayproxy"), total.get("bare-relay")
-        haproxy = total.get("haproxy")
-        if relay and bare and bare.user_us:
-            ratio = relay.user_us / bare.user_us
+        relay, haproxy = total.get("relayproxy"), total.get("haproxy")
+        for mine_name, floor_name in PAIRS:
+            over, under = total.get(mine_name), total.get(floor_name)
+            if not (over and under and under.user_us):
+                continue
+            ratio = over.user_us / under.user_us
             per_group = ", ".join(
-                f"{g.clients} client(s) {ratio_of(g, 'relayproxy', 'bare-relay'):.2f}" for g in mine
+                f"{g.clients} client(s) {ratio_of(g, mine_name, floor_name):.2f}" for g in mine
             )
+            goal = ""
+            if floor_name.startswith("bare-relay") and mine_name.startswith("relayproxy"):
+                goal = f" (goal <= {CPU_RATIO_GOAL}){verdict(ratio <= CPU_RATIO_GOAL)}"
             print(
-                f"  relayproxy/bare-relay user CPU per login {ratio:.2f}"
-                f" (goal <= {CPU_RATIO_GOAL}){verdict(ratio <= CPU_RATIO_GOAL)} [{per_group}];"
-                f" total CPU {relay.cpu_us / bare.cpu_us:.2f}"
+                f"  {mine_name}/{floor_name} user CPU per login {ratio:.2f}{goal} [{per_group}];"
+                f" total CPU {over.cpu_us / under.cpu_us:.2f}"
             )
         if relay and haproxy and haproxy.cpu_us:
             print(
@@ -393,6 +411,18 @@ def parse_options(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", type=Path, help="run relayproxy under cProfile to FILE")
     parser.add_argument("--py-spy", type=Path, help="sample relayproxy with py-spy to FILE")
     parser.add_argument("--dir", type=Path, help="where the temporary files go")
+    parser.add_argument(
+        "--uvloop",
+        action="store_true",
+        help="also bare-relay-uvloop and relayproxy-uvloop: Twisted's asyncioreactor over uvloop",
+    )
+    parser.add_argument(
+        "--before",
+        type=Path,
+        metavar="TREE",
+        help="also relayproxy-before: the daemon of another checkout (e.g. git archive of a"
+        " revision), for before/after figures in one run",
+    )
     options = parser.parse_args(argv)
     if options.quick:
         options.logins, options.round_size = 300, 50
@@ -401,6 +431,36 @@ def parse_options(argv: Sequence[str] | None) -> argparse.Namespace:
     if options.py_spy and "relayproxy" not in options.targets:
         parser.error("--py-spy samples relayproxy: keep it in --targets")
     return options
+
+
+def start_targets(
+    options: argparse.Namespace, directory: Path, backends: dict[Key, int], targets: list[Target]
+) -> None:
+    """Each target of `options` in front of `backends`, appended to `targets` as it starts."""
+    for name in options.targets:
+        if name == "direct":
+            targets.append(Target("direct", dict(backends)))
+        elif name == "haproxy":
+            targets.append(start_haproxy(directory / "haproxy", backends))
+        elif name == "bare-relay":
+            targets.append(start_bare_relay(directory / name, backends))
+            if options.uvloop:
+                uvloop = f"{name}-uvloop"
+                targets.append(
+                    start_bare_relay(directory / uvloop, backends, reactor="uvloop", name=uvloop)
+                )
+        else:
+            targets.append(start_relayproxy(directory / name, backends, profile=options.profile))
+            if options.uvloop:
+                uvloop = f"{name}-uvloop"
+                targets.append(
+                    start_relayproxy(directory / uvloop, backends, name=uvloop, reactor="uvloop")
+                )
+            if options.before is not None:
+                before = f"{name}-before"
+                targets.append(
+                    start_relayproxy(directory / before, backends, tree=options.before, name=before)
+                )
 
 
 def run(options: argparse.Namespace, directory: Path) -> bool:
@@ -422,19 +482,7 @@ def run(options: argparse.Namespace, directory: Path) -> bool:
                 stub, stub_ports = start_stub(directory / "stub")
                 for protocol in options.protocols:
                     backends["stub", protocol] = stub_ports[protocol]
-            for name in options.targets:
-                if name == "direct":
-                    targets.append(Target("direct", dict(backends)))
-                elif name == "haproxy":
-                    targets.append(start_haproxy(directory / "haproxy", backends))
-                elif name == "bare-relay":
-                    targets.append(start_bare_relay(directory / "bare-relay", backends))
-                else:
-                    targets.append(
-                        start_relayproxy(
-                            directory / "relayproxy", backends, profile=options.profile
-                        )
-                    )
+            start_targets(options, directory, backends, targets)
             relay = next((t for t in targets if isinstance(t, Relayproxy)), None)
             spy = None
             if options.py_spy and relay is not None and relay.process is not None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from OpenSSL import SSL
-from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
 from relayproxy.backends import Attempt
@@ -53,8 +53,7 @@ class BackendSide:
         runtime = self.session.runtime
         backend = self._untried.pop(0)
         self._attempt = attempt = runtime.backends.attempt(backend)
-        connecting = runtime.connect_backend(backend, _BackendFactory(self))
-        connecting.addErrback(self._failed, attempt)
+        runtime.connect_backend(backend, _BackendFactory(self, attempt))
 
     def connected(self, transport: Any) -> None:
         session, links = self.session, self.session.links
@@ -88,7 +87,8 @@ class BackendSide:
             self._refuse()
         session.ended()
 
-    def _failed(self, reason: Failure, attempt: Attempt) -> None:
+    def failed(self, reason: Failure, attempt: Attempt) -> None:
+        """The connect ``attempt`` failed: the next backend, or the client is refused."""
         session, backends = self.session, self.session.runtime.backends
         if backends.failed(attempt, session.runtime.reactor.seconds()):
             error = reason.getErrorMessage()
@@ -123,11 +123,15 @@ class _BackendProtocol(Protocol):
         self.side.lost(reason)
 
 
-class _BackendFactory(Factory):
+class _BackendFactory(ClientFactory):
     noisy = False  # connection.open/close say it, once per session
 
-    def __init__(self, side: BackendSide) -> None:
+    def __init__(self, side: BackendSide, attempt: Attempt) -> None:
         self.side = side
+        self.attempt = attempt
 
     def buildProtocol(self, addr: Any) -> _BackendProtocol:
         return _BackendProtocol(self.side)
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self.side.failed(reason, self.attempt)

@@ -10,7 +10,7 @@ has no entry for raises ``ProtocolViolationError``, and the session closes.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from relayproxy.protocols.common import (
     Action,
@@ -35,12 +35,14 @@ class LoginPhase:
     def __init__(self, session: FrontendProtocol, watcher: Watcher) -> None:
         self.session = session
         self.watcher = watcher
+        # A login recorded whose line is not logged yet: (user, mechanism, record).
+        self._success: tuple[str | None, str, str] | None = None
 
     def client_data(self, data: bytes) -> None:
-        self._consult(lambda: self.watcher.client_data(data))
+        self._consult(self.watcher.client_data, data)
 
     def server_data(self, data: bytes) -> None:
-        self._consult(lambda: self.watcher.server_data(data))
+        self._consult(self.watcher.server_data, data)
 
     def client_closed(self) -> None:
         self._consult(self.watcher.client_closed)
@@ -49,39 +51,77 @@ class LoginPhase:
         """Tell the client why it is closed, in its protocol."""
         self.session.links.to_client(self.watcher.refusal(reason))
 
-    def _consult(self, decide: Callable[[], list[Action]]) -> None:
+    def _consult(self, decide: Callable[..., list[Action]], *data: bytes) -> None:
         try:
-            actions = decide()
+            actions = decide(*data)
         except ProtocolViolationError as exc:
             self.session.log("protocol.error", error=str(exc))
             self.session.disconnect()
             return
         for action in actions:
-            self._carry_out(action)
+            kind = type(action)
+            if self._success is not None and kind is not ToClient:
+                self._log_success()
+            # The action classes are final: one look-up instead of a chain of isinstance.
+            _CARRY_OUT[kind](self, action)
+        if self._success is not None:
+            self._log_success()
 
-    def _carry_out(self, action: Action) -> None:
-        session, links, log = self.session, self.session.links, self.session.log
-        if isinstance(action, ToServer):
-            if not session.closing:
-                links.to_backend(action.data)
-        elif isinstance(action, ToClient):
-            links.to_client(action.data)
-        elif isinstance(action, StartClientTLS):
-            if links.client_open:
-                session.tls.start_client(links.client)
-                # Bytes that arrive from now on are the TLS layer's.
-                self._consult(self.watcher.client_tls_started)
-        elif isinstance(action, StartServerTLS):
-            session.tls.start_backend(links.backend)
-        elif isinstance(action, LoginSucceeded):
-            record = session.logged_in(action.user)
-            log("login.success", user=action.user, mechanism=action.mechanism, record=record)
-        elif isinstance(action, LoginFailed):
-            log("login.failure", user=action.user, mechanism=action.mechanism)
-        elif isinstance(action, LoginRefused):
-            log("login.refused", user=action.user, mechanism=action.mechanism, reason=action.reason)
-        elif isinstance(action, Splice):
-            session.splice()
-        elif isinstance(action, Close):
-            log("connection.closing", reason=action.reason)
-            session.disconnect()
+    def _to_server(self, action: ToServer) -> None:
+        if not self.session.closing:
+            self.session.links.to_backend(action.data)
+
+    def _to_client(self, action: ToClient) -> None:
+        links = self.session.links
+        links.to_client(action.data)
+        if self._success is not None:
+            links.send_to_client_now()  # the success line: before its log line, not after
+
+    def _start_client_tls(self, action: StartClientTLS) -> None:
+        links = self.session.links
+        if links.client_open:
+            self.session.tls.start_client(links.client)
+            # Bytes that arrive from now on are the TLS layer's.
+            self._consult(self.watcher.client_tls_started)
+
+    def _start_server_tls(self, action: StartServerTLS) -> None:
+        self.session.tls.start_backend(self.session.links.backend)
+
+    def _login_succeeded(self, action: LoginSucceeded) -> None:
+        # Recorded (on disk) before the client can read the backend's success
+        # line, which comes next; logged once that line is on its way, so the
+        # client does not wait for the log.
+        record = self.session.logged_in(action.user)
+        self._success = (action.user, action.mechanism, record)
+
+    def _log_success(self) -> None:
+        assert self._success is not None
+        (user, mechanism, record), self._success = self._success, None
+        self.session.log("login.success", user=user, mechanism=mechanism, record=record)
+
+    def _login_failed(self, action: LoginFailed) -> None:
+        self.session.log("login.failure", user=action.user, mechanism=action.mechanism)
+
+    def _login_refused(self, action: LoginRefused) -> None:
+        user, mechanism, reason = action.user, action.mechanism, action.reason
+        self.session.log("login.refused", user=user, mechanism=mechanism, reason=reason)
+
+    def _splice(self, action: Splice) -> None:
+        self.session.splice()
+
+    def _close(self, action: Close) -> None:
+        self.session.log("connection.closing", reason=action.reason)
+        self.session.disconnect()
+
+
+_CARRY_OUT: dict[type, Callable[[LoginPhase, Any], None]] = {
+    ToServer: LoginPhase._to_server,
+    ToClient: LoginPhase._to_client,
+    StartClientTLS: LoginPhase._start_client_tls,
+    StartServerTLS: LoginPhase._start_server_tls,
+    LoginSucceeded: LoginPhase._login_succeeded,
+    LoginFailed: LoginPhase._login_failed,
+    LoginRefused: LoginPhase._login_refused,
+    Splice: LoginPhase._splice,
+    Close: LoginPhase._close,
+}

@@ -38,7 +38,7 @@ from typing import IO, Any
 
 from systemd import journal
 from twisted import logger
-from twisted.logger import LogEvent, LogLevel
+from twisted.logger import LogEvent, LogLevel, PredicateResult
 from twisted.python.failure import Failure
 from twisted.python.reflect import safe_str
 from zope.interface import implementer
@@ -60,6 +60,8 @@ _LEVELS = (LogLevel.debug, LogLevel.info, LogLevel.warn, LogLevel.error, LogLeve
 _STDLIB_LEVEL = dict(zip(_LEVELS, (10, 20, 30, 40, 50), strict=True))
 _JOURNAL_PRIORITY = dict(zip(_LEVELS, (7, 6, 4, 3, 2), strict=True))
 _FORMATTER = string.Formatter()
+# Namespaces are module and class names; the bound guards against one made per event.
+MAX_NAMESPACES = 1024
 
 
 def quote_value(text: str) -> str:
@@ -81,20 +83,45 @@ def _is_secret(name: str) -> bool:
     return _SECRET.search(name) is not None
 
 
+# A format parsed: its fields as (field, spec, conversion, secret), and its literal text
+# with a ``{}`` where each field's quoted value goes.
+_Template = tuple[tuple[tuple[str, str, str | None, bool], ...], str]
+
+
+@functools.lru_cache(maxsize=1024)  # formats are constants in the code: parsed once each
+def _template(log_format: str) -> tuple[str | None, _Template | str]:
+    """The event name a format starts with (None if it does not), and the format parsed
+    (or why it cannot be)."""
+    named = _EVENT_NAME.match(log_format)
+    fields: list[tuple[str, str, str | None, bool]] = []
+    skeleton: list[str] = []
+    try:
+        for literal, field, spec, conversion in _FORMATTER.parse(log_format):
+            skeleton.append(literal.replace("{", "{{").replace("}", "}}"))
+            if field is not None:
+                fields.append((field, spec or "", conversion, _is_secret(field)))
+                skeleton.append("{}")
+    except ValueError as exc:
+        return (named.group(1) if named else None), str(exc)
+    return (named.group(1) if named else None), (tuple(fields), "".join(skeleton))
+
+
 def _body(log_format: str, event: LogEvent, usernames: bool) -> str:
     """``log_format`` filled in as ``formatEvent`` would, each value quoted on its own."""
-    out: list[str] = []
-    for literal, field, spec, conversion in _FORMATTER.parse(log_format):
-        out.append(literal)
-        if field is None:
-            continue
-        if _is_secret(field) or (field == "user" and not usernames):
-            out.append(HIDDEN if field == "user" else REDACTED)
+    parsed = _template(log_format)[1]
+    if isinstance(parsed, str):
+        raise ValueError(parsed)
+    fields, skeleton = parsed
+    values: list[str] = []
+    for field, spec, conversion, secret in fields:
+        if secret or (field == "user" and not usernames):
+            values.append(HIDDEN if field == "user" else REDACTED)
             continue
         value = event[field] if field in event else _FORMATTER.get_field(field, (), event)[0]
         value = _FORMATTER.convert_field(value, conversion) if conversion else value
-        out.append(quote_value(format(value, spec or "")))
-    return "".join(out)
+        text = value if type(value) is str and not spec else format(value, spec)
+        values.append(quote_value(text))
+    return skeleton.format(*values)
 
 
 def _jsonable(value: object) -> object:
@@ -117,14 +144,40 @@ def _describe(error: BaseException | Failure) -> str:
     return f"{type(value).__name__}: {safe_str(value)}".removesuffix(": ")  # if no message
 
 
-@dataclass(frozen=True)
+def _own_fields(event: LogEvent, usernames: bool) -> dict[str, object]:
+    """The event's fields without Twisted's ``log_*`` ones; secrets redacted, a hidden user -."""
+    return {
+        key: REDACTED if _is_secret(key) else HIDDEN if key == "user" and not usernames else value
+        for key, value in event.items()
+        if isinstance(key, str) and not key.startswith("log_")
+    }
+
+
+@dataclass(slots=True)
 class _Rendered:
+    """An event made into text; its JSON fields only when a target asks for them."""
+
     time: float
     level: LogLevel
     name: str
     body: str
-    fields: dict[str, object]  # JSON-ready, redacted, without a hidden user
     traceback: str | None = None
+    own: dict[str, object] | None = None  # else read from ``event`` when asked
+    event: LogEvent | None = None
+    usernames: bool = True
+    error: tuple[str, str] | None = None  # a failure's field: (key, description)
+
+    @property
+    def fields(self) -> dict[str, object]:
+        """JSON-ready, redacted, without a hidden user: what JSON and journald carry."""
+        own = self.own
+        if own is None:
+            own = _own_fields(self.event, self.usernames) if self.event is not None else {}
+        left_out = _NOT_JSON_FIELDS if self.usernames else _NOT_JSON_FIELDS | {"user"}
+        fields = {k: _jsonable(v) for k, v in own.items() if k not in left_out}
+        if self.error is not None:
+            key, fields[key] = self.error
+        return fields
 
     def stamp(self) -> str:
         whole, millis = divmod(round(self.time * 1000), 1000)
@@ -144,28 +197,26 @@ class _Rendered:
 
     def traceback_event(self) -> _Rendered:
         body = f"log.traceback event={self.name} traceback={quote_value(self.traceback or '')}"
-        return _Rendered(self.time, LogLevel.debug, "log.traceback", body, {})
+        return _Rendered(self.time, LogLevel.debug, "log.traceback", body, own={})
 
 
 def _render(event: LogEvent, usernames: bool) -> _Rendered:
-    own = {
-        key: REDACTED if _is_secret(key) else HIDDEN if key == "user" and not usernames else value
-        for key, value in event.items()
-        if isinstance(key, str) and not key.startswith("log_")
-    }
     failure = event.get("log_failure") or (event.get("isError") and event.get("failure"))
     failure = failure if isinstance(failure, Failure) else None  # or a legacy log.err's
     log_format = event.get("log_format")
-    named = _EVENT_NAME.match(log_format) if isinstance(log_format, str) else None
-    if named:
-        name = named.group(1)
+    name = _template(log_format)[0] if isinstance(log_format, str) else None
+    own: dict[str, object] | None = None  # built here only when the line needs it
+    if name is not None:
+        assert isinstance(log_format, str)
         try:
-            body = _body(named.string, event, usernames)
+            body = _body(log_format, event, usernames)
         except Exception as exc:  # a wrong format still gives one line: name, fields, error
+            own = _own_fields(event, usernames)
             shown = (v if v is REDACTED else quote_value(safe_str(v)) for v in own.values())
             body = name + "".join(f" {k}={v}" for k, v in zip(own, shown, strict=True))
             body += f" format_error={quote_value(_describe(exc))}"
     else:
+        own = _own_fields(event, usernames)
         name, foreign = "log.message", {"namespace": safe_str(event.get("log_namespace", "-"))}
         if event.get("log_system", "-") != "-":
             foreign["system"] = safe_str(event["log_system"])
@@ -174,16 +225,25 @@ def _render(event: LogEvent, usernames: bool) -> _Rendered:
         foreign["text"] = why if legacy_err else logger.formatEvent(event | own)
         body = name + "".join(f" {key}={quote_value(text)}" for key, text in foreign.items())
         own = foreign | {k: v for k, v in own.items() if k not in _LEGACY_KEYS | foreign.keys()}
-    left_out = _NOT_JSON_FIELDS if usernames else _NOT_JSON_FIELDS | {"user"}
-    fields = {k: _jsonable(v) for k, v in own.items() if k not in left_out}
-    traceback = None
+    traceback = error = None
     if failure is not None:
-        key, fields[key] = ("exception" if "error" in own else "error"), _describe(failure)
-        body += f" {key}={quote_value(_describe(failure))}"
+        has_error = "error" in own if own is not None else "error" in event
+        error = ("exception" if has_error else "error"), _describe(failure)
+        body += f" {error[0]}={quote_value(error[1])}"
         traceback = failure.getTraceback().rstrip("\n")
-    when: Any = event.get("log_time") if isinstance(event.get("log_time"), int | float) else None
-    level: Any = event.get("log_level") if event.get("log_level") in _STDLIB_LEVEL else None
-    return _Rendered(when or time.time(), level or LogLevel.info, name, body, fields, traceback)
+    when: Any = event.get("log_time")
+    level: Any = event.get("log_level")
+    return _Rendered(
+        when if isinstance(when, int | float) and when else time.time(),
+        level if level in _STDLIB_LEVEL else LogLevel.info,
+        name,
+        body,
+        traceback,
+        own,
+        event if own is None else None,
+        usernames,
+        error,
+    )
 
 
 def format_text_line(event: LogEvent, usernames: bool = True) -> str:
@@ -201,12 +261,33 @@ _Layout = Callable[[_Rendered], str]
 _BLANK = vars(logging.makeLogRecord({"name": "relayproxy"}))
 
 
+_STDLIB_LEVEL_NAME = {level: logging.getLevelName(level) for level in _STDLIB_LEVEL.values()}
+
+
 def _record(rendered: _Rendered, layout: _Layout) -> logging.LogRecord:
     level = _STDLIB_LEVEL[rendered.level]  # SysLogHandler maps levelname to a priority
     record = logging.LogRecord.__new__(logging.LogRecord)
-    fields = {"levelno": level, "levelname": logging.getLevelName(level), "rendered": rendered}
-    record.__dict__.update(_BLANK, msg=layout(rendered), **fields)
+    record.__dict__.update(_BLANK)
+    record.msg, record.levelno = layout(rendered), level
+    record.levelname = _STDLIB_LEVEL_NAME[level]
+    record.rendered = rendered
     return record
+
+
+class _AsRendered(logging.Formatter):
+    """The record's message is the finished line: the stdlib's formatting has nothing to add."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return str(record.msg)
+
+
+class _Stream(logging.StreamHandler):  # type: ignore[type-arg]
+    """``stderr``."""
+
+    def write_line(self, line: str) -> None:
+        """``emit`` for a finished line, with the handler's lock held: no record made."""
+        self.stream.write(line + "\n")
+        self.stream.flush()
 
 
 class _LogFile(logging.handlers.WatchedFileHandler):
@@ -215,6 +296,14 @@ class _LogFile(logging.handlers.WatchedFileHandler):
     def _open(self) -> Any:
         path, private = self.baseFilename, functools.partial(os.open, mode=0o640)
         return open(path, "a", encoding="utf-8", errors="backslashreplace", opener=private)
+
+    def write_line(self, line: str) -> None:
+        """``emit`` for a finished line, with the handler's lock held: no record made."""
+        self.reopenIfNeeded()  # a failed reopen leaves no stream: opened again here
+        if self.stream is None:
+            self.stream = self._open()
+        self.stream.write(line + "\n")
+        self.stream.flush()
 
     def emit(self, record: logging.LogRecord) -> None:
         try:  # the stdlib lets a failed reopen escape, and Twisted's publisher would drop it
@@ -246,15 +335,30 @@ class LogObserver:
 
     def __init__(self, handler: logging.Handler, layout: _Layout, usernames: bool) -> None:
         self.handler, self.layout, self.usernames = handler, layout, usernames
+        handler.setFormatter(_AsRendered())
         # The text format's traceback line; JSON and journald carry it as a field.
         self.tracebacks = layout is not _Rendered.json_line and not isinstance(handler, _Journal)
 
     def __call__(self, event: LogEvent) -> None:
         rendered = _render(event, self.usernames)
         with self.handler.lock or contextlib.nullcontext():  # the traceback line right after
-            self.handler.handle(_record(rendered, self.layout))
+            self._hand_over(rendered)
             if self.tracebacks and rendered.traceback is not None:
-                self.handler.handle(_record(rendered.traceback_event(), self.layout))
+                self._hand_over(rendered.traceback_event())
+
+    def _hand_over(self, rendered: _Rendered) -> None:
+        handler = self.handler
+        if not isinstance(handler, _Stream | _LogFile):
+            handler.handle(_record(rendered, self.layout))
+            return
+        # A stream's line needs no LogRecord, filter or formatter: the stdlib's
+        # emit in short, and its error report (which wants a record) as it is.
+        try:
+            handler.write_line(self.layout(rendered))
+        except RecursionError:
+            raise
+        except Exception:
+            handler.handleError(_record(rendered, self.layout))
 
     def close(self) -> None:
         self.handler.close()
@@ -266,7 +370,7 @@ def make_observer(
     """The ``[log]`` target's observer (``stream``: for stderr); a ``file:`` may raise OSError."""
     target, as_json = config.target, config.format == "json"
     lines = _Rendered.json_line if as_json else _Rendered.text_line
-    stderr = LogObserver(logging.StreamHandler(stream or sys.stderr), lines, config.usernames)
+    stderr = LogObserver(_Stream(stream or sys.stderr), lines, config.usernames)
     socket = {"syslog": syslog_socket, "journald": JOURNAL_SOCKET}.get(target, "")
     if target == "stderr" or (socket and not os.path.exists(socket)):  # libsystemd: silently
         if socket:
@@ -285,11 +389,43 @@ def make_observer(
     return LogObserver(handler, layout, config.usernames)
 
 
+class _LevelThreshold(logger.LogLevelFilterPredicate):
+    """Twisted's level filter, with the levels each namespace lets through remembered.
+
+    It is asked for every event; Twisted's walks the namespace's parents and
+    compares constants each time.
+    """
+
+    def __init__(self, defaultLogLevel: LogLevel = LogLevel.info) -> None:
+        self._known: dict[str, frozenset[LogLevel]] = {}
+        super().__init__(defaultLogLevel)
+
+    def __call__(self, event: LogEvent) -> Any:  # a PredicateResult
+        level, namespace = event.get("log_level"), event.get("log_namespace")
+        if level is None or not namespace:
+            return PredicateResult.no
+        passing = self._known.get(namespace)
+        if passing is None:
+            lowest = self.logLevelForNamespace(namespace)
+            passing = frozenset(each for each in _LEVELS if not each < lowest)
+            if len(self._known) < MAX_NAMESPACES:
+                self._known[namespace] = passing
+        return PredicateResult.maybe if level in passing else PredicateResult.no
+
+    def setLogLevelForNamespace(self, namespace: str, level: LogLevel) -> None:
+        super().setLogLevelForNamespace(namespace, level)
+        self._known.clear()
+
+    def clearLogLevels(self) -> None:
+        super().clearLogLevels()
+        self._known.clear()
+
+
 def start_logging(config: LogConfig, *, beginner: logger.LogBeginner | None = None) -> LogObserver:
     """Every event of the process, Twisted's too, to ``[log]``; stdout/stderr stay raw."""
     observer = make_observer(config)
     level = LogLevel.levelWithName(config.level)
-    threshold = logger.LogLevelFilterPredicate(defaultLogLevel=level)
+    threshold = _LevelThreshold(defaultLogLevel=level)
     # Twisted's info lines (legacy log.msg's "ProxyFactory starting on 11110", its own
     # loggers' "Starting factory") are noise beside our events; its warnings are not.
     for namespace in ("log_legacy", "twisted") if level is LogLevel.info else ():

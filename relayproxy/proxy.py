@@ -10,21 +10,19 @@ relays, as ``twisted.protocols.portforward`` does.
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
+import socket
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from OpenSSL import SSL
 from twisted.internet import address as twisted_address
-from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-)
-from twisted.internet.interfaces import IAddress
-from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IAddress, IConnector
+from twisted.internet.protocol import ClientFactory, Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
 from relayproxy.addresses import AddressError, IPAddress, peer_address
@@ -64,9 +62,10 @@ class ConnectionLimits:
         self.per_address = per_address
         self.budget = budget
         self.open = 0
-        self._by_address: Counter[IPAddress] = Counter()
+        # By the address's text (``str(IPAddress)``): hashing a str is cached, an IPAddress's not.
+        self._by_address: Counter[str] = Counter()
 
-    def admit(self, address: IPAddress) -> bool:
+    def admit(self, address: str) -> bool:
         if self.open >= self.total or self._by_address[address] >= self.per_address:
             return False
         if self.budget is not None and not self.budget.admit():
@@ -75,7 +74,7 @@ class ConnectionLimits:
         self._by_address[address] += 1
         return True
 
-    def release(self, address: IPAddress) -> None:
+    def release(self, address: str) -> None:
         if self.budget is not None:
             self.budget.release()
         self.open -= 1
@@ -105,19 +104,14 @@ class ListenerRuntime:
         self.backends = Backends(config.backend, config.backend_balance, config.backend_retry)
         self._backend_endpoints = {b: self._make_backend_endpoint(b) for b in config.backend}
 
-    def _make_backend_endpoint(self, backend: HostPort) -> Any:
-        # Built once: a HostnameEndpoint per connection costs a resolver
-        # round trip through a thread even for an address literal.
-        endpoint: Any
-        timeout = BACKEND_CONNECT_TIMEOUT
+    def _make_backend_endpoint(self, backend: HostPort) -> HostnameEndpoint | None:
+        """A backend's host name resolved by an endpoint; None for an address literal."""
         try:
-            address = peer_address(backend.host)
+            peer_address(backend.host)
         except AddressError:
-            endpoint = HostnameEndpoint(self.reactor, backend.host, backend.port, timeout=timeout)
-        else:
-            kind = TCP4ClientEndpoint if address.version == 4 else TCP6ClientEndpoint
-            endpoint = kind(self.reactor, backend.host, backend.port, timeout=timeout)
-        return endpoint
+            timeout = BACKEND_CONNECT_TIMEOUT
+            return HostnameEndpoint(self.reactor, backend.host, backend.port, timeout=timeout)
+        return None
 
     def trusts_proxy_header_from(self, host: str) -> bool:
         if not self.config.proxy_protocol_in:
@@ -129,8 +123,21 @@ class ListenerRuntime:
         networks: tuple[Network, ...] = self.config.proxy_protocol_in
         return any(address in network for network in networks)
 
-    def connect_backend(self, backend: HostPort, factory: Factory) -> Deferred[Any]:
-        return self._backend_endpoints[backend].connect(factory)  # type: ignore[no-any-return]
+    def connect_backend(self, backend: HostPort, factory: ClientFactory) -> None:
+        """Start connecting; ``factory`` builds the protocol or hears of the failure."""
+        endpoint = self._backend_endpoints[backend]
+        if endpoint is None:
+            # An address: straight to the reactor, as portforward does. An endpoint
+            # would add a Deferred and a wrapping protocol, a call more per chunk.
+            timeout = BACKEND_CONNECT_TIMEOUT
+            self.reactor.connectTCP(backend.host, backend.port, factory, timeout=timeout)
+            return
+
+        def failed(reason: Failure) -> None:
+            # An endpoint keeps its connector to itself; the factory does not need it.
+            factory.clientConnectionFailed(cast(IConnector, None), reason)
+
+        endpoint.connect(factory).addErrback(failed)
 
 
 class ProxyFactory(Factory):
@@ -141,6 +148,17 @@ class ProxyFactory(Factory):
 
     def buildProtocol(self, addr: Any) -> FrontendProtocol:
         return FrontendProtocol(self.runtime)
+
+
+def kernel_peer_address(host: str) -> IPAddress:
+    """A socket's peer as the kernel spelled it; ``peer_address`` parses text from outside.
+
+    The kernel's dotted quad is canonical, so the strict parse is not needed for IPv4.
+    """
+    if ":" not in host:
+        with contextlib.suppress(OSError):
+            return ipaddress.IPv4Address(socket.inet_aton(host))
+    return peer_address(host)
 
 
 def host_and_port(address: IAddress | None) -> tuple[str, int] | None:
@@ -179,6 +197,7 @@ class FrontendProtocol(Protocol):
         self._admitted = False
         self._finished = False
         self._opened = 0.0
+        self._client_text = ""  # the client's address as logged and counted
 
     # -- accepting the client --
 
@@ -187,7 +206,7 @@ class FrontendProtocol(Protocol):
         self.links.client, self.links.client_open = self.transport, True
         self.runtime.sessions.add(self)
         self._opened = self.runtime.reactor.seconds()
-        self.timer.after(self.runtime.config.preauth_timeout, lambda: self._timed_out("login"))
+        self.timer.after(self.runtime.config.preauth_timeout, self._login_timed_out)
         peer = host_and_port(self.transport.getPeer())  # type: ignore[union-attr]
         self.local = host_and_port(self.transport.getHost())  # type: ignore[union-attr]
         if peer is None:
@@ -196,7 +215,7 @@ class FrontendProtocol(Protocol):
             self._header = TrustedHeaderReader()  # in clear, before any TLS handshake
         else:
             self.tls.client_accepted(self.transport)
-            self._admit(*peer)
+            self._admit(*peer, from_kernel=True)
 
     def _header_received(self, data: bytes) -> None:
         assert self._header is not None
@@ -221,17 +240,19 @@ class FrontendProtocol(Protocol):
         else:
             self._from_client(header.rest)
 
-    def _admit(self, host: str, port: int) -> None:
+    def _admit(self, host: str, port: int, *, from_kernel: bool = False) -> None:
         try:
-            client = peer_address(host)
+            client = kernel_peer_address(host) if from_kernel else peer_address(host)
         except AddressError as exc:
             self._reject(f"unusable peer address: {exc}")
             return
         self.client, self.client_port = client, port
-        self.log.client = client
+        # The kernel spells an IPv4 peer as str() does: no second formatting.
+        text = host if from_kernel and ":" not in host else str(client)
+        self.log.client = self._client_text = text
         local = self.local or ("0.0.0.0", 0)  # noqa: S104 (an address to report, not to bind)
-        login = LoginPhase(self, self.runtime.make_watcher(ClientOrigin(str(client), port, *local)))
-        if not self.runtime.limits.admit(client):
+        login = LoginPhase(self, self.runtime.make_watcher(ClientOrigin(text, port, *local)))
+        if not self.runtime.limits.admit(text):
             self.log("connection.refused", reason="too many connections")
             login.refuse("too many connections")
             self.disconnect()
@@ -293,6 +314,9 @@ class FrontendProtocol(Protocol):
 
     # -- endings --
 
+    def _login_timed_out(self) -> None:
+        self._timed_out("login")
+
     def _timed_out(self, phase: str) -> None:
         self.log(f"connection.timeout phase={phase}")
         if self.login is not None:
@@ -337,8 +361,7 @@ class FrontendProtocol(Protocol):
         self.timer.cancel()
         if not self._admitted:
             return
-        assert self.client is not None
-        self.runtime.limits.release(self.client)
+        self.runtime.limits.release(self._client_text)
         self.log(
             "connection.close",
             user=self.user,

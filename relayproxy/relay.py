@@ -55,6 +55,20 @@ class SessionLinks:
         self.bytes_out += len(data)
         self.client.write(data)
 
+    def send_to_client_now(self) -> None:
+        """What was written to the client, sent now rather than at the reactor's next turn.
+
+        Twisted sends a transport's writes when its poll next finds the socket
+        writable, after the rest of this turn's work; ``doWrite`` is that send
+        (``IWriteDescriptor``). A transport without one (a TLS wrapper
+        protocol) sends at the next turn as usual.
+        """
+        send = getattr(self.client, "doWrite", None)
+        # Not while closing: doWrite would then finish the close and return its
+        # reason, which only the reactor's own call passes on to connectionLost.
+        if self.client_open and send is not None and not self.client.disconnecting:
+            send()
+
     def to_backend(self, data: bytes) -> None:
         if self.backend_open:
             self.backend.write(data)

@@ -12,10 +12,9 @@ fields from the event dict, in the order of the line.
 from __future__ import annotations
 
 from string import Formatter
+from time import time
 
 from twisted.logger import Logger, LogLevel
-
-from relayproxy.addresses import IPAddress
 
 log = Logger(namespace="relayproxy")
 
@@ -90,9 +89,10 @@ SESSION_EVENTS: dict[str, tuple[LogLevel, str]] = {
     ),
 }
 
-_FIELDS = {
-    name: tuple(field for _, field, _, _ in Formatter().parse(line) if field)
-    for name, (_, line) in SESSION_EVENTS.items()
+# The call's name -> (level, format, its fields in the line's order).
+_EVENTS = {
+    name: (level, line, tuple(field for _, field, _, _ in Formatter().parse(line) if field))
+    for name, (level, line) in SESSION_EVENTS.items()
 }
 
 
@@ -102,26 +102,35 @@ class SessionLog:
     def __init__(self, listener: str, usernames: bool) -> None:
         self.listener = listener
         self.usernames = usernames
-        self._client = str(None)  # the address as logged: formatted once, not per event
+        # The fields every event may name; the address as logged, formatted once, not per event.
+        self._own = {"client": str(None), "listener": listener}
 
     @property
     def client(self) -> str:
-        return self._client
+        return self._own["client"]
 
     @client.setter
-    def client(self, address: IPAddress) -> None:
-        self._client = str(address)
+    def client(self, address: str) -> None:
+        self._own["client"] = address
 
     def __call__(self, name: str, **fields: object) -> None:
-        level, line = SESSION_EVENTS[name]
-        own = {"client": self._client, "listener": self.listener}
+        level, line, names = _EVENTS[name]
         if "user" in fields:
             user = fields["user"]
             fields["user"] = (user or "-") if self.usernames else "-"
+        own = self._own
         # In the line's order: the event dict is what JSON lines and metrics read.
-        values = {
-            field: fields.pop(field) if field in fields else own[field] for field in _FIELDS[name]
-        }
+        event = {field: fields.pop(field) if field in fields else own[field] for field in names}
         if fields:
             raise TypeError(f"{name} has no field {', '.join(sorted(fields))}")
-        log.emit(level, line, **values)
+        # What ``Logger.emit`` adds, without its check of a level that this table fixes
+        # (a walk of every LogLevel per event).
+        event.update(
+            log_logger=log,
+            log_level=level,
+            log_namespace=log.namespace,
+            log_source=None,
+            log_format=line,
+            log_time=time(),
+        )
+        log.observer(event)
