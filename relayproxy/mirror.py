@@ -194,19 +194,13 @@ class Mirror:
 
     @contextlib.contextmanager
     def _talking(self) -> Iterator[None]:
-        """Any failure to talk to Redis is a gap, and a StoreError naming Redis."""
+        """Any failure to talk to Redis is a gap, and a StoreError as the store words it."""
         try:
-            yield
+            with self.redis.talking():
+                yield
         except StoreError:
             self.gap = self.gap or "redis_lost"
             raise
-        except (redis.RedisError, OSError) as exc:
-            self.gap = self.gap or "redis_lost"
-            # redis-py's messages name the server, never the password: as the store's.
-            said = " ".join(str(exc).split()) or type(exc).__name__
-            if isinstance(exc, redis.AuthenticationError):
-                said = f"authentication failed (check the password): {said}"
-            raise StoreError(f"{self.redis.path}: {said}") from None
 
 
 def _parse_id(raw: bytes | str) -> tuple[int, int]:

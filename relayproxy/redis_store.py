@@ -219,7 +219,7 @@ class RedisStore:
         """
         if cutoff < 0:
             return 0  # no decimal time is before 0
-        with self._talking():
+        with self.talking():
             candidates = list(self._scan())
 
         def add(pipe: Any, chunk: Sequence[bytes]) -> None:
@@ -230,13 +230,13 @@ class RedisStore:
 
     def recover(self) -> None:
         """Nothing to repair on Redis: check once that it answers."""
-        with self._talking():
+        with self.talking():
             self.client.ping()
 
     # -- reads --
 
     def get(self, key: str) -> Entry | None:
-        with self._talking():
+        with self.talking():
             value = self.client.get(self.prefix + key)
         return None if value is None else Entry(key.encode("ascii"), _raw(value))
 
@@ -245,14 +245,14 @@ class RedisStore:
         if not keys:
             return []
         names = [(self.prefix + key).encode("ascii", "replace") for key in keys]
-        with self._talking():
+        with self.talking():
             values = self.client.mget(names)
         return [None if value is None else _raw(value) for value in values]
 
     def entries(self) -> Iterator[Entry]:
         """Every relayer (SCAN, then MGET per page), prefix stripped, in no particular order."""
         skip = len(self.prefix.encode("ascii"))
-        with self._talking():
+        with self.talking():
             page: list[bytes] = []
             for key in self._scan():
                 page.append(key)
@@ -288,7 +288,7 @@ class RedisStore:
         """One pipeline: a script call per chunk of ``items``, then WAIT; the calls' results."""
         if not items:
             return []
-        with self._talking():
+        with self.talking():
             pipe = self.client.pipeline(transaction=False)
             for start in range(0, len(items), _CHUNK):
                 add(pipe, items[start : start + _CHUNK])
@@ -312,7 +312,7 @@ class RedisStore:
             )
 
     @contextlib.contextmanager
-    def _talking(self) -> Iterator[None]:
+    def talking(self) -> Iterator[None]:
         """redis-py's errors as StoreError, with what an administrator can act on."""
         try:
             yield
