@@ -49,6 +49,7 @@ unit: venv
 bench: venv
 	$(PY) bench/store.py
 	$(PY) bench/logins.py
+	$(PY) bench/workers.py
 	$(PY) bench/memory.py
 	$(PY) bench/durability.py
 	$(PY) bench/redis_store.py

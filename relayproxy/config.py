@@ -90,6 +90,9 @@ class DaemonConfig:
     group: str | None = None  # default: the user's primary group
     allow_root: bool = False  # keep running as root (not recommended)
     shutdown_timeout: float = 10.0  # SIGTERM: how long sessions in login may finish
+    # Reactor processes sharing the listening sockets (relayproxy.workers); 1 is
+    # the single process of old, with no supervisor.
+    workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -193,6 +196,24 @@ def _integer(low: int, high: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def _workers(text: str) -> int:
+    """A number of processes, or ``auto``: one per CPU this process may run on.
+
+    The affinity mask rather than ``os.cpu_count()``: a ``taskset``, a
+    container's cpuset or systemd's ``CPUAffinity=`` leave fewer CPUs than
+    the machine has, and a worker per missing CPU would only compete.
+    """
+    if text == "auto":
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except (AttributeError, OSError):
+            return os.cpu_count() or 1
+    try:
+        return _integer(1, 1024)(text)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (a number of processes, or auto)") from None
 
 
 def _seconds(text: str) -> float:
@@ -397,6 +418,7 @@ _DAEMON_KEYS: Parsers = {
     "group": _group,
     "allow_root": parse_bool,
     "shutdown_timeout": _seconds,
+    "workers": _workers,
 }
 _METRICS_KEYS: Parsers = {"listen": _host_port}
 _MAP_KEYS: Parsers = {
@@ -531,7 +553,7 @@ def parse_config(text: str, source: str) -> Config:
             )
     _check_store(reader, store, dict(parser.items("store")) if "store" in parser else {})
     _check_listeners(reader, listeners)
-    _check_metrics(reader, metrics.get("listen"), listeners)
+    _check_metrics(reader, metrics.get("listen"), listeners, daemon.get("workers", 1))
     _check_mirror(reader, mirror, store)
     if reader.problems:
         raise ConfigError(reader.problems)
@@ -609,11 +631,20 @@ def _check_listeners(reader: _Reader, listeners: list[ListenerConfig]) -> None:
 
 
 def _check_metrics(
-    reader: _Reader, listen: HostPort | None, listeners: list[ListenerConfig]
+    reader: _Reader, listen: HostPort | None, listeners: list[ListenerConfig], workers: int
 ) -> None:
     for listener in listeners:
         if listener.listen == listen:
             reader.problem("metrics", "listen", f"{listen} is also [listener:{listener.name}]")
+    if workers > 1 and listen is not None:
+        # Each worker counts only its own logins: one worker's page would be a
+        # partial count that looks whole.
+        reader.problem(
+            "daemon",
+            "workers",
+            f"{workers} workers with [metrics] listen: the metrics server needs "
+            "workers = 1 (remove [metrics] or set workers = 1)",
+        )
 
 
 def _check_mirror(reader: _Reader, mirror: Mapping[str, Any], store: Mapping[str, Any]) -> None:

@@ -12,6 +12,10 @@ idle sessions under ``ulimit -n 20000``, 31 s of unrecorded logins). So
 the soft limit is raised to what ``max_connections`` asks for, up to the
 hard limit, and sessions are capped at what the limit leaves beyond a
 reserve that only the daemon's own files use.
+
+With ``[daemon] workers = N`` the limit is a process's: each worker plans
+for its own share, ``max_connections / N`` (relayproxy.workers), and the
+parent, which holds only the listening sockets, plans nothing.
 """
 
 from __future__ import annotations

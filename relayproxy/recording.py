@@ -43,8 +43,12 @@ def _batch_interval(config: Config) -> float:
 class Recording:
     """The recorder with its store thread; see the module docstring."""
 
-    def __init__(self, config: Config, reactor: Any) -> None:
+    def __init__(
+        self, config: Config, reactor: Any, worker: int | None = None, workers: int = 1
+    ) -> None:
         self.reactor = reactor
+        # Worker ``worker`` of ``workers`` has a spool of its own (relayproxy.spool).
+        self._worker, self._workers = worker, workers
         self.pool = ThreadPool(minthreads=1, maxthreads=1, name="relayproxy-store")
         self.recorder = Recorder(
             _store(config),
@@ -54,13 +58,16 @@ class Recording:
             exclude=config.record.exclude,
             min_interval=config.store.min_interval,
             batch_interval=_batch_interval(config),
-            spool=Spool(config.store.path),
+            spool=self._spool_of(config.store.path),
             sync_interval=config.store.sync_interval,
             # Not the store's thread: a sync must not wait behind a batch stuck on a lock.
             run_sync_in_thread=lambda function: deferToThreadPool(
                 reactor, reactor.getThreadPool(), function
             ),
         )
+
+    def _spool_of(self, db_path: str) -> Spool:
+        return Spool(db_path, self._worker, self._workers)
 
     @property
     def store(self) -> Store:
@@ -82,6 +89,9 @@ class Recording:
                 error=str(exc),
             )
             return
+        spool = self.recorder.spool
+        for problem in spool.adoption_problems if spool is not None else ():
+            log.error("spool.error error={error} (left for vsmtprelay)", error=problem)
         if leftovers:
             log.warn(
                 "spool.replay path={path} entries={entries} (not yet stored when it stopped)",
@@ -111,7 +121,7 @@ class Recording:
         recorder = self.recorder
         if config.store.path != old.store.path:
             # The next batch goes to the new store, and so do the old spool's logins.
-            recorder.switch_store(_store(config), Spool(config.store.path))
+            recorder.switch_store(_store(config), self._spool_of(config.store.path))
             self.open_spool()
         elif config.store != old.store:
             # Another engine, Redis server or setting: the same spool, a new store

@@ -27,6 +27,7 @@ from relayproxy.proxy import ListenerRuntime, ProxyFactory
 from relayproxy.recorder import Recorder
 from relayproxy.recording import Recording
 from relayproxy.tls import ListenerTLS, TLSConfigError, load_listener_tls
+from relayproxy.workers import Worker
 
 log = Logger(namespace="relayproxy")
 
@@ -92,11 +93,17 @@ class RelayProxyService(Service):
         reactor: Any,
         tls: dict[str, ListenerTLS],
         budget: SessionBudget | None = None,
+        worker: Worker | None = None,
     ) -> None:
         self.config = config
         self.budget = budget
         self.reactor = reactor
-        self.recording = Recording(config, reactor)
+        # [daemon] workers > 1: this process is one of them (relayproxy.workers).
+        self.worker = worker
+        if worker is None:
+            self.recording = Recording(config, reactor)
+        else:
+            self.recording = Recording(config, reactor, worker.number, worker.count)
         self._tls = tls
         self.listening: dict[str, _Listening] = {}
         self.retired: list[ListenerRuntime] = []  # replaced runtimes with sessions left
@@ -121,12 +128,15 @@ class RelayProxyService(Service):
         listener = runtime.config
         factory = ProxyFactory(runtime)
         try:
-            port = self.reactor.listenTCP(
-                listener.listen.port,
-                factory,
-                backlog=LISTEN_BACKLOG,
-                interface=listener.listen.host,
-            )
+            if self.worker is not None:
+                port = self.worker.listen(self.reactor, listener.listen, factory, LISTEN_BACKLOG)
+            else:
+                port = self.reactor.listenTCP(
+                    listener.listen.port,
+                    factory,
+                    backlog=LISTEN_BACKLOG,
+                    interface=listener.listen.host,
+                )
         except CannotListenError as exc:
             raise ListenError(
                 f"[listener:{listener.name}] listen {listener.listen}: {exc.socketError}"
@@ -154,6 +164,8 @@ class RelayProxyService(Service):
                 self.listening = {}
                 raise
             self.listening[listener.name] = bound
+        if self.worker is not None:
+            self.worker.close_unused()
         if self.config.metrics.listen is not None:
             self._listen_metrics(self.config.metrics.listen)
 
@@ -210,6 +222,8 @@ class RelayProxyService(Service):
             self._retire(gone.factory.runtime, None)
             gone.port.stopListening()
         self.listening = current
+        if self.worker is not None:
+            self.worker.close_unused()
         return problems
 
     def _retire(self, runtime: ListenerRuntime, successor: ListenerRuntime | None) -> None:

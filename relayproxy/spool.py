@@ -24,12 +24,24 @@ A daemon holds ``flock(LOCK_EX)`` on ``spool-a`` while it runs. Whoever
 takes the spool next (a restarted daemon, or ``vsmtprelay`` when no daemon
 runs) reads what is left (``leftovers``) and applies it; replaying a login
 twice is harmless (the store keeps the newer time).
+
+Workers (``[daemon] workers = N``, relayproxy.workers): worker n has a
+spool of its own, ``relayers.db.spool-<n>-a``/``-b``, locked by it alone,
+so the reactors never share a file. A restarted worker n replays its own.
+A spool no running process can own any more (the single process's after a
+switch to workers, a worker's beyond N, or the workers' after a switch
+back to one process) is *adopted* when its lock is free: its logins are
+appended to the adopter's own spool and synced, then the orphan is
+emptied, all under the orphan's lock (a crash in between replays a login
+twice, which is harmless). ``vsmtprelay`` applies every spool it finds
+whose lock is free.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import glob
 import os
 import time
 import zlib
@@ -83,11 +95,40 @@ def _merged(files: Iterable[bytes]) -> dict[str, int]:
     return logins
 
 
-class Spool:
-    """The two spool files of one relayers.db; see the module docstring."""
+def spool_paths(db_path: str, worker: int | None = None) -> tuple[str, str]:
+    """The two files of the single process's spool, or of worker ``worker``'s."""
+    infix = "" if worker is None else f"-{worker}"
+    return (f"{db_path}.spool{infix}-a", f"{db_path}.spool{infix}-b")
 
-    def __init__(self, db_path: str) -> None:
-        self.paths = tuple(db_path + suffix for suffix in SPOOL_SUFFIXES)
+
+def worker_spools(db_path: str) -> dict[int, tuple[str, str]]:
+    """Every worker spool beside ``db_path`` on disk, by worker number."""
+    found: dict[int, tuple[str, str]] = {}
+    prefix = db_path + ".spool-"
+    for path in glob.glob(glob.escape(prefix) + "*-a"):
+        number = path[len(prefix) : -len("-a")]
+        if number.isdigit() and not number.startswith("0"):
+            found[int(number)] = spool_paths(db_path, int(number))
+    return found
+
+
+class Spool:
+    """The two spool files of one relayers.db (of one worker); see the module docstring.
+
+    ``worker``: this worker's number (1..``workers``), None for the single
+    process. Which orphans it adopts at ``open``: the single process takes
+    every worker spool; worker 1 takes the single process's and those of
+    workers beyond ``workers``; the others take none.
+    """
+
+    def __init__(self, db_path: str, worker: int | None = None, workers: int = 1) -> None:
+        self.db_path = db_path
+        self.worker = worker
+        self.workers = workers
+        self.paths = spool_paths(db_path, worker)
+        # Orphans that could not be adopted at ``open`` (left for vsmtprelay or the next
+        # start), one line each naming the file: for the daemon's log.
+        self.adoption_problems: list[str] = []
         self._fds: list[int] = []
         self._sizes = [0, 0]
         self._current = 0
@@ -112,9 +153,46 @@ class Spool:
             _close_all(fds)
             raise SpoolError(f"{self.paths[len(fds) % 2]}: {exc.strerror}") from None
         self._fds = fds
+        self._adopt_orphans()
         contents = [_read_all(fd) for fd in fds]
         self._sizes = [len(data) for data in contents]
         return _merged(contents)
+
+    def _orphans(self) -> list[tuple[str, str]]:
+        if self.worker is None:
+            return list(worker_spools(self.db_path).values())
+        if self.worker != 1:
+            return []
+        beyond = [
+            paths for number, paths in worker_spools(self.db_path).items() if number > self.workers
+        ]
+        return [spool_paths(self.db_path), *beyond]
+
+    def _adopt_orphans(self) -> None:
+        """Move what unowned spools hold into this one's first file (see the docstring)."""
+        self.adoption_problems = []
+        for paths in self._orphans():
+            fds: list[int] = []
+            try:
+                fds = _open_existing(paths)
+                if not fds or not any(os.fstat(fd).st_size for fd in fds):
+                    continue
+                try:
+                    fcntl.flock(fds[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # its owner runs (a worker of another count, starting up)
+                logins = _merged(_read_all(fd) for fd in fds)
+                lines = b"".join(spool_line(key, seconds) for key, seconds in logins.items())
+                _write_all(self._fds[0], lines, self.paths[0])
+                os.fdatasync(self._fds[0])  # in this file for good before the orphan is emptied
+                for fd, path in zip(fds, paths, strict=False):
+                    _empty(fd, path)
+            except SpoolError as exc:
+                self.adoption_problems.append(str(exc))
+            except OSError as exc:
+                self.adoption_problems.append(f"{paths[0]}: {exc.strerror}")
+            finally:
+                _close_all(fds)
 
     @property
     def is_open(self) -> bool:
@@ -199,11 +277,41 @@ def _close_all(fds: list[int]) -> None:
         os.close(fd)
 
 
-def apply_leftovers(store: Store, db_path: str | None = None) -> int:
-    """Store what a stopped daemon left in the spool, then empty it; returns how many.
+def _open_existing(paths: tuple[str, str]) -> list[int]:
+    """Descriptors of those of ``paths`` that exist (none when the first does not)."""
+    fds: list[int] = []
+    for path in paths:
+        try:
+            fds.append(os.open(path, os.O_RDWR | os.O_CLOEXEC))
+        except FileNotFoundError:
+            if not fds:
+                return []
+    return fds
 
-    The spool is ``db_path``'s ([store] path), by default the store's own
-    file; a Redis store's spool is still beside ``[store] path``.
+
+def _write_all(fd: int, data: bytes, path: str) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if not written:
+            raise SpoolError(f"{path}: No space left on device")
+        view = view[written:]
+
+
+def apply_leftovers(store: Store, db_path: str | None = None) -> int:
+    """Store what stopped daemons left in their spools, then empty them; returns how many.
+
+    The spools are ``db_path``'s ([store] path), by default the store's own
+    file; a Redis store's spool is still beside ``[store] path``. Every
+    spool found counts: the single process's and each worker's.
+    """
+    base = db_path or store.path
+    spools = [spool_paths(base), *worker_spools(base).values()]
+    return sum(_apply_one(store, paths) for paths in spools)
+
+
+def _apply_one(store: Store, paths: tuple[str, str]) -> int:
+    """One spool's leftovers stored, and that spool emptied; returns how many.
 
     For ``vsmtprelay``, before it reads or changes the store: a leftover login
     would be missing from a ``list`` until the daemon restarts, and would
@@ -214,7 +322,6 @@ def apply_leftovers(store: Store, db_path: str | None = None) -> int:
     store write leaves the spool as it was.
     """
     fds: list[int] = []
-    paths = [(db_path or store.path) + suffix for suffix in SPOOL_SUFFIXES]
     try:
         for path in paths:
             try:

@@ -12,8 +12,11 @@ datagram of newline-separated ``VARIABLE=value`` assignments. Outside
 systemd (no ``$NOTIFY_SOCKET``) every call is a no-op that returns False,
 so the same code runs under systemd, under a test runner and in a shell.
 Unlike libsystemd's sd_notify(), ``$NOTIFY_SOCKET`` is not removed from the
-environment: the daemon starts no children that could notify in its name
-(and systemd's default ``NotifyAccess=main`` ignores them if it did).
+environment of the process itself. With ``[daemon] workers`` only the
+parent (systemd's main PID) notifies: its workers start without
+``$NOTIFY_SOCKET`` and report to it over a pipe (relayproxy.workers), since
+under the default ``NotifyAccess=main`` systemd would log and drop their
+messages.
 """
 
 from __future__ import annotations

@@ -8,11 +8,13 @@ problem printed, one line each, naming file, section and key.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
 
 from twisted.internet import reactor
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from relayproxy import __version__, systemd
@@ -26,8 +28,9 @@ from relayproxy.config import (
 from relayproxy.descriptors import SessionBudget, plan_descriptors
 from relayproxy.logs import start_logging
 from relayproxy.privileges import PrivilegeError, become, target_identity
-from relayproxy.service import ListenError, RelayProxyService, load_tls
+from relayproxy.service import LISTEN_BACKLOG, ListenError, RelayProxyService, load_tls
 from relayproxy.tls import ListenerTLS, TLSConfigError
+from relayproxy.workers import Supervisor, Worker, bind_listening
 
 PROG = "relayproxy"
 log = Logger(namespace="relayproxy")
@@ -75,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--check-config", action="store_true", help="validate the configuration and exit 0 or 2"
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    # Set by the supervising parent only ([daemon] workers > 1): "n/N".
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
     path = find_config_path(options.config) or DEFAULT_CONFIG_PATH
     try:
@@ -86,17 +91,55 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{PROG}: {path}: note: {note}", file=sys.stderr)
         print(f"{PROG}: {path}: OK, {len(config.listeners)} listener(s)")
         return 0
+    if options.worker:
+        try:
+            worker = Worker.from_environment(options.worker, dict(os.environ))
+        except ValueError as exc:
+            return _fail([str(exc)], 2)
+        os.setpgid(0, 0)  # a Ctrl-C in a terminal reaches the parent, which stops us in order
+        return run(worker.share(config), tls, path, worker)
+    if config.daemon.workers > 1:
+        return supervise(config, path)
     return run(config, tls, path)
 
 
-def run(config: Config, tls: dict[str, ListenerTLS], path: str) -> int:
+def supervise(config: Config, path: str) -> int:
+    """``[daemon] workers > 1``: bind every listener once, run the workers on them."""
+    try:
+        target_identity(config.daemon)  # refuse now, not in every worker
+    except PrivilegeError as exc:
+        return _fail([str(exc)], 2)
+    sockets = {}
+    for listener in config.listeners:
+        address = str(listener.listen)
+        if address in sockets:
+            continue
+        try:
+            sockets[address] = bind_listening(listener.listen, LISTEN_BACKLOG)
+        except CannotListenError as exc:
+            return _fail([f"[listener:{listener.name}] listen {address}: {exc.socketError}"], 1)
+    try:
+        start_logging(config.log)
+    except OSError as exc:
+        return _fail([f"{config.source}: [log] target: {config.log.target}: {exc.strerror}"], 1)
+    supervisor = Supervisor(config, path, reactor, sockets)
+    reactor.callWhenRunning(supervisor.start)
+    reactor.run()
+    return 0 if supervisor.clean else 1
+
+
+def run(
+    config: Config, tls: dict[str, ListenerTLS], path: str, worker: Worker | None = None
+) -> int:
     try:
         identity = target_identity(config.daemon)
     except PrivilegeError as exc:
         return _fail([str(exc)], 2)
     # Before anything is opened: the soft limit may have to grow first.
     descriptors = plan_descriptors(sum(listener.max_connections for listener in config.listeners))
-    service = RelayProxyService(config, reactor, tls, SessionBudget(descriptors.sessions))
+    service = RelayProxyService(
+        config, reactor, tls, SessionBudget(descriptors.sessions), worker=worker
+    )
     try:
         service.listen()
     except ListenError as exc:
@@ -132,12 +175,14 @@ def run(config: Config, tls: dict[str, ListenerTLS], path: str) -> int:
     )
     signal.signal(
         signal.SIGHUP,
-        lambda signum, frame: reactor.callFromThread(_reload, service, path),  # type: ignore[attr-defined]
+        lambda signum, frame: reactor.callFromThread(_reload, service, path, worker),  # type: ignore[attr-defined]
     )
+    if worker is not None:
+        worker.attach(reactor, parent_gone=lambda: _parent_gone(worker))
     service.open_spool()  # as the daemon's user: the files are its own
     service.startService()
     # Ready once every listener is bound (above) and the store was opened.
-    service.open_store().addCallback(lambda _: _tell_systemd(systemd.ready))
+    service.open_store().addCallback(lambda _: _ready(worker))
     reactor.addSystemEventTrigger("before", "shutdown", _stopping, service)
     reactor.run()
     return 0
@@ -153,12 +198,27 @@ def _tell_systemd(notify: Callable[[], bool]) -> None:
         log.error("systemd.error error={error}", error=exc.strerror or str(exc))
 
 
+def _ready(worker: Worker | None) -> None:
+    """systemd hears it from the single process; a worker tells its parent instead."""
+    if worker is None:
+        _tell_systemd(systemd.ready)
+    else:
+        worker.report_ready()
+
+
+def _parent_gone(worker: Worker) -> None:
+    """The supervisor ended without stopping us (killed): drain and stop as at SIGTERM."""
+    if reactor.running:
+        log.warn("daemon.worker.orphaned worker={worker}", worker=worker.number)
+        reactor.stop()
+
+
 def _stopping(service: RelayProxyService) -> object:
     _tell_systemd(systemd.stopping)
     return service.stopService()
 
 
-def _reload(service: RelayProxyService, path: str) -> None:
+def _reload(service: RelayProxyService, path: str, worker: Worker | None = None) -> None:
     """SIGHUP: the new file for new connections, or the old one and the reasons."""
     _tell_systemd(systemd.reloading)
     log.info("config.reload path={path}", path=path)
@@ -168,8 +228,10 @@ def _reload(service: RelayProxyService, path: str) -> None:
         for problem in exc.problems:
             log.error("config.reload.failed problem={problem}", problem=problem)
         log.error("config.reload.kept reason={reason}", reason="the running configuration stays")
-        _tell_systemd(systemd.ready)
+        _ready(worker)
         return
+    if worker is not None:
+        config = worker.share(config)
     for section, old, new in (
         ("log", service.config.log, config.log),
         ("daemon", service.config.daemon, config.daemon),
@@ -185,7 +247,7 @@ def _reload(service: RelayProxyService, path: str) -> None:
         listeners=len(service.listening),
         problems=len(problems),
     )
-    _tell_systemd(systemd.ready)
+    _ready(worker)
 
 
 if __name__ == "__main__":

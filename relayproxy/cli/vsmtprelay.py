@@ -79,7 +79,8 @@ list and expire leave it alone. ticks is at most 9223372036854775807 (2**63-1),
 n at most 153722867280912930.
 
 Before any command, the logins a stopped relayproxy left in its spool
-(PATH.spool-a and .spool-b) are stored and the spool emptied.
+(PATH.spool-a and .spool-b, and each worker's .spool-N-a and .spool-N-b)
+are stored and the spool emptied.
 """
 )
 
