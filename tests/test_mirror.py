@@ -384,13 +384,16 @@ def test_the_file_expires_what_redis_expires_pinned_entries_included(
 def test_with_redis_down_the_file_stays_but_old_entries_expire(
     redis_server: RedisServer, tmp_path: Path, mirror_of: list[MirrorDaemon]
 ) -> None:
-    RelayStore(tmp_path / "relayers.db").record([("192.0.2.1", NOW), ("192.0.2.2", NOW - 61)])
+    # Its own clock, not the module's NOW: with ttl = 1 minute, a long suite run
+    # would make NOW itself old enough to expire.
+    now = int(time.time())
+    RelayStore(tmp_path / "relayers.db").record([("192.0.2.1", now), ("192.0.2.2", now - 61)])
     redis_server.stop()
     store = store_section(redis_url=redis_server.url, ttl="1")
     daemon = start_mirror(mirror_of, tmp_path, store, mirror="expire_interval = 0.1\n")
     assert "Connection refused" in daemon.wait_for_log("mirror.error")
     daemon.wait_for_log("mirror.expired", "entries=1")
-    assert file_entries(daemon.db) == {"192.0.2.1": str(NOW)}
+    assert file_entries(daemon.db) == {"192.0.2.1": str(now)}
     assert len(daemon.lines("mirror.error")) == 1
 
 
