@@ -188,7 +188,7 @@ def run(
     return 0
 
 
-def _tell_systemd(notify: Callable[[], bool]) -> None:
+def tell_systemd(notify: Callable[[], bool]) -> None:
     """sd_notify, with a socket that cannot be reached logged instead of raised."""
     try:
         notify()
@@ -201,7 +201,7 @@ def _tell_systemd(notify: Callable[[], bool]) -> None:
 def _ready(worker: Worker | None) -> None:
     """systemd hears it from the single process; a worker tells its parent instead."""
     if worker is None:
-        _tell_systemd(systemd.ready)
+        tell_systemd(systemd.ready)
     else:
         worker.report_ready()
 
@@ -214,13 +214,13 @@ def _parent_gone(worker: Worker) -> None:
 
 
 def _stopping(service: RelayProxyService) -> object:
-    _tell_systemd(systemd.stopping)
+    tell_systemd(systemd.stopping)
     return service.stopService()
 
 
 def _reload(service: RelayProxyService, path: str, worker: Worker | None = None) -> None:
     """SIGHUP: the new file for new connections, or the old one and the reasons."""
-    _tell_systemd(systemd.reloading)
+    tell_systemd(systemd.reloading)
     log.info("config.reload path={path}", path=path)
     try:
         config, tls = load(path)

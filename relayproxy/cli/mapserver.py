@@ -16,7 +16,7 @@ from twisted.internet import reactor
 from twisted.logger import Logger
 
 from relayproxy import __version__, systemd
-from relayproxy.cli.daemon import _tell_systemd as tell_systemd
+from relayproxy.cli.daemon import tell_systemd
 from relayproxy.config import (
     DEFAULT_CONFIG_PATH,
     Config,

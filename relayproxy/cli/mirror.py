@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from twisted.internet import reactor
 from twisted.logger import Logger
 
 from relayproxy import __version__, systemd
+from relayproxy.cli.daemon import tell_systemd
 from relayproxy.config import (
     DEFAULT_CONFIG_PATH,
     Config,
@@ -94,28 +95,21 @@ def run(config: Config, path: str) -> int:
         lambda signum, frame: reactor.callFromThread(_reload, loop, current, path),  # type: ignore[attr-defined]
     )
     reactor.callWhenRunning(loop.start)
-    loop.started.addCallback(lambda _: _tell_systemd(systemd.ready))
+    loop.started.addCallback(lambda _: tell_systemd(systemd.ready))
     reactor.addSystemEventTrigger("before", "shutdown", _stopping, loop)
     reactor.run()
     log.info("mirror.stop")
     return 0
 
 
-def _tell_systemd(notify: Callable[[], bool]) -> None:
-    try:
-        notify()
-    except OSError as exc:
-        log.error("systemd.error error={error}", error=exc.strerror or str(exc))
-
-
 def _stopping(loop: MirrorLoop) -> object:
-    _tell_systemd(systemd.stopping)
+    tell_systemd(systemd.stopping)
     return loop.stop()
 
 
 def _reload(loop: MirrorLoop, current: list[Config], path: str) -> None:
     """SIGHUP: a new Redis connection and file (and a resync) when their settings changed."""
-    _tell_systemd(systemd.reloading)
+    tell_systemd(systemd.reloading)
     log.info("config.reload path={path}", path=path)
     try:
         config = load(path)
@@ -123,7 +117,7 @@ def _reload(loop: MirrorLoop, current: list[Config], path: str) -> None:
         for problem in exc.problems:
             log.error("config.reload.failed problem={problem}", problem=problem)
         log.error("config.reload.kept reason={reason}", reason="the running configuration stays")
-        _tell_systemd(systemd.ready)
+        tell_systemd(systemd.ready)
         return
     old, current[0] = current[0], config
     for key, was, now in (
@@ -138,7 +132,7 @@ def _reload(loop: MirrorLoop, current: list[Config], path: str) -> None:
         mirror.gap = "reload"
         loop.replace(mirror)
     log.info("config.reloaded changed={changed}", changed="yes" if changed else "no")
-    _tell_systemd(systemd.ready)
+    tell_systemd(systemd.ready)
 
 
 if __name__ == "__main__":
