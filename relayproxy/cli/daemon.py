@@ -17,12 +17,11 @@ from twisted.internet import reactor
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
-from relayproxy import __version__, systemd
+from relayproxy import systemd
+from relayproxy.cli.options import daemon_parser, parse
 from relayproxy.config import (
-    DEFAULT_CONFIG_PATH,
     Config,
     ConfigError,
-    find_config_path,
     load_config,
 )
 from relayproxy.descriptors import SessionBudget, plan_descriptors
@@ -64,24 +63,14 @@ def config_notes(config: Config) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="POP3/IMAP proxy that records successful logins in relayers.db "
+    parser = daemon_parser(
+        PROG,
+        "POP3/IMAP proxy that records successful logins in relayers.db "
         "for POP-before-SMTP relaying.",
     )
-    parser.add_argument(
-        "--config",
-        metavar="PATH",
-        help=f"the INI file (default: $RELAYPROXY_CONFIG, else {DEFAULT_CONFIG_PATH})",
-    )
-    parser.add_argument(
-        "--check-config", action="store_true", help="validate the configuration and exit 0 or 2"
-    )
-    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     # Set by the supervising parent only ([daemon] workers > 1): "n/N".
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    options = parser.parse_args(argv)
-    path = find_config_path(options.config) or DEFAULT_CONFIG_PATH
+    options, path = parse(parser, argv)
     try:
         config, tls = load(path)
     except (ConfigError, TLSConfigError) as exc:

@@ -7,7 +7,6 @@ found no problem), 1 could not start (``[map] listen`` could not bind),
 
 from __future__ import annotations
 
-import argparse
 import signal
 import sys
 from collections.abc import Sequence
@@ -15,13 +14,12 @@ from collections.abc import Sequence
 from twisted.internet import reactor
 from twisted.logger import Logger
 
-from relayproxy import __version__, systemd
+from relayproxy import systemd
 from relayproxy.cli.daemon import tell_systemd
+from relayproxy.cli.options import daemon_parser, parse
 from relayproxy.config import (
-    DEFAULT_CONFIG_PATH,
     Config,
     ConfigError,
-    find_config_path,
     load_config,
 )
 from relayproxy.logs import start_logging
@@ -48,22 +46,12 @@ def load(path: str) -> Config:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="Socketmap server answering sendmail's and Postfix's relay lookups "
+    parser = daemon_parser(
+        PROG,
+        "Socketmap server answering sendmail's and Postfix's relay lookups "
         "from the relayer store (a local relayers.db or Redis).",
     )
-    parser.add_argument(
-        "--config",
-        metavar="PATH",
-        help=f"the INI file (default: $RELAYPROXY_CONFIG, else {DEFAULT_CONFIG_PATH})",
-    )
-    parser.add_argument(
-        "--check-config", action="store_true", help="validate the configuration and exit 0 or 2"
-    )
-    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    options = parser.parse_args(argv)
-    path = find_config_path(options.config) or DEFAULT_CONFIG_PATH
+    options, path = parse(parser, argv)
     try:
         config = load(path)
     except ConfigError as exc:

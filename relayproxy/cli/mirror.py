@@ -8,7 +8,6 @@ target), 2 a bad configuration: every problem printed, one line each.
 
 from __future__ import annotations
 
-import argparse
 import signal
 import sys
 from collections.abc import Sequence
@@ -16,13 +15,12 @@ from collections.abc import Sequence
 from twisted.internet import reactor
 from twisted.logger import Logger
 
-from relayproxy import __version__, systemd
+from relayproxy import systemd
 from relayproxy.cli.daemon import tell_systemd
+from relayproxy.cli.options import daemon_parser, parse
 from relayproxy.config import (
-    DEFAULT_CONFIG_PATH,
     Config,
     ConfigError,
-    find_config_path,
     load_config,
 )
 from relayproxy.logs import start_logging
@@ -42,22 +40,12 @@ def load(path: str) -> Config:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="Keep a local relayers.db (Berkeley DB hash, for the MTAs) in step "
+    parser = daemon_parser(
+        PROG,
+        "Keep a local relayers.db (Berkeley DB hash, for the MTAs) in step "
         "with the relayer set on Redis.",
     )
-    parser.add_argument(
-        "--config",
-        metavar="PATH",
-        help=f"the INI file (default: $RELAYPROXY_CONFIG, else {DEFAULT_CONFIG_PATH})",
-    )
-    parser.add_argument(
-        "--check-config", action="store_true", help="validate the configuration and exit 0 or 2"
-    )
-    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    options = parser.parse_args(argv)
-    path = find_config_path(options.config) or DEFAULT_CONFIG_PATH
+    options, path = parse(parser, argv)
     try:
         config = load(path)
     except ConfigError as exc:
