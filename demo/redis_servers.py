@@ -18,7 +18,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -272,9 +272,3 @@ def _knows(sentinel_port: int, replicas: int) -> Callable[[], bool]:
         return len(reply or ()) >= replicas
 
     return check
-
-
-@contextlib.contextmanager
-def running_redis(directory: Path) -> Iterator[RedisServer]:
-    with RedisServer(directory) as server:
-        yield server
