@@ -64,6 +64,7 @@ _FORMATTER = string.Formatter()
 MAX_NAMESPACES = 1024
 
 
+@functools.lru_cache(maxsize=256)  # listener, mechanism, user, client: mostly seen before
 def quote_value(text: str) -> str:
     """One field value as one token on one line: bare, or a JSON string literal."""
     if _BARE_VALUE.fullmatch(text):

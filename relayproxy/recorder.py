@@ -102,7 +102,7 @@ class Recorder:
 
     def login(self, address: IPAddress) -> str:
         """Note a successful login from ``address``; says whether it will be written."""
-        if any(address in network for network in self._exclude):
+        if self._exclude and any(address in network for network in self._exclude):
             return EXCLUDED
         now = self._reactor.seconds()
         keys = [

@@ -9,7 +9,9 @@ what the general path gives.
 
 from __future__ import annotations
 
+import copy
 import ipaddress
+import pickle
 import typing
 from collections.abc import Callable
 
@@ -21,11 +23,13 @@ from twisted.logger import LogEvent, LogLevel, PredicateResult, globalLogPublish
 from relayproxy.addresses import peer_address
 from relayproxy.login_phase import _CARRY_OUT
 from relayproxy.logs import _LevelThreshold
+from relayproxy.protocols import imap, pop3
 from relayproxy.protocols.common import (
     Action,
     Close,
     LoginSucceeded,
     Splice,
+    Step,
     ToClient,
     ToServer,
 )
@@ -156,3 +160,12 @@ def test_the_client_is_logged_and_counted_as_its_address(
     assert len(opened) == 1
     assert len(refused) == 1
     assert f"client={logged} " in refused[0]
+
+
+@pytest.mark.parametrize("step", [*pop3.State, *pop3.Event, *imap.State, *imap.Event])
+def test_a_watcher_step_hashed_by_identity_is_one_object_however_reached(step: Step) -> None:
+    # Pickled, copied or looked up by value, a member is the member itself: its
+    # identity hash finds it in a transition table as Enum's hash of its name would.
+    reached = (pickle.loads(pickle.dumps(step)), copy.deepcopy(step), type(step)(step.value))
+    assert all(each is step and hash(each) == hash(step) for each in reached)
+    assert {step: True}[reached[0]]

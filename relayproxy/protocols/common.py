@@ -102,6 +102,16 @@ class ClientOrigin:
     local_port: int
 
 
+class Step(enum.Enum):
+    """A watcher's states and events: hashed by identity, as a member equals only itself.
+
+    ``Enum``'s own hash (of the member's name) is a Python call, and each line
+    a watcher reads looks its state and event up in the transition table.
+    """
+
+    __hash__ = object.__hash__
+
+
 class TLSMode(enum.Enum):
     NONE = "none"
     STARTTLS = "starttls"

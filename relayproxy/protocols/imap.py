@@ -43,7 +43,6 @@ their transitions are the table ``TRANSITIONS``.
 
 from __future__ import annotations
 
-import enum
 import re
 from dataclasses import dataclass, field
 
@@ -61,6 +60,7 @@ from relayproxy.protocols.common import (
     Splice,
     StartClientTLS,
     StartServerTLS,
+    Step,
     TLSMode,
     ToClient,
     ToServer,
@@ -85,7 +85,7 @@ from relayproxy.protocols.imap_syntax import (
 )
 
 
-class State(enum.Enum):
+class State(Step):
     GREETING = "greeting"  # waiting for the backend's greeting
     READY = "ready"  # nothing in flight: the next client line starts a command
     CLIENT_LITERAL = "client-literal"  # the client owes n bytes of literal
@@ -98,7 +98,7 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
-class Event(enum.Enum):
+class Event(Step):
     GREETING = "greeting"
     INTERNAL_COMMAND = "the proxy's own command"
     COMMAND = "command sent to the backend"

@@ -39,7 +39,6 @@ their transitions are the table ``TRANSITIONS``.
 
 from __future__ import annotations
 
-import enum
 import re
 from dataclasses import dataclass, field
 
@@ -55,6 +54,7 @@ from relayproxy.protocols.common import (
     SaslUserFinder,
     StartClientTLS,
     StartServerTLS,
+    Step,
     TLSMode,
     ToClient,
     ToServer,
@@ -68,7 +68,7 @@ from relayproxy.protocols.common import (
 )
 
 
-class State(enum.Enum):
+class State(Step):
     GREETING = "greeting"  # waiting for the backend's greeting
     BACKEND_STLS = "backend-stls"  # the proxy sent STLS to the backend
     READY = "ready"  # nothing in flight: the next client line is a command
@@ -81,7 +81,7 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
-class Event(enum.Enum):
+class Event(Step):
     GREETING = "greeting"
     GREETING_NEEDS_STLS = "greeting, backend STLS first"
     COMMAND = "command"
@@ -258,7 +258,7 @@ class Pop3Watcher(LoginWatcher[bytes]):
             self._client.take_all()
             self._move(Event.STLS)
             return [ToClient(b"+OK Begin TLS negotiation\r\n"), StartClientTLS()]
-        inflight = _InFlight(verb, multiline=verb == b"CAPA" or command == Pop3Command(b"AUTH"))
+        inflight = _InFlight(verb, multiline=verb == b"CAPA" or (verb == b"AUTH" and not arguments))
         if verb == b"USER":
             inflight.user = printable_name(arguments[0])
         elif verb == b"PASS":
