@@ -604,7 +604,13 @@ def start_relayproxy(
     ports = dict(zip(backends, free_ports(len(backends)), strict=True))
     lines = ["[store]", f"path = {directory / 'relayers.db'}", "min_interval = 0", ""]
     lines += ["[log]", f"target = file:{directory / 'relayproxy.log'}", ""]
-    lines += ["[daemon]", "allow_root = yes", f"workers = {workers}", ""]
+    # workers only when asked for: a --before tree may predate the key.
+    lines += [
+        "[daemon]",
+        "allow_root = yes",
+        *([f"workers = {workers}"] if workers != 1 else []),
+        "",
+    ]
     for (backend, protocol), port in ports.items():
         lines += [
             f"[listener:{backend}-{protocol}]",
