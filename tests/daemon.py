@@ -39,6 +39,51 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 20.0) ->
         pause = min(pause * 2, 0.2)
 
 
+class DaemonProcess:
+    """One of our daemons as a subprocess: an exit noticed early, a clean stop, its log.
+
+    Subclasses (dataclasses) hold ``process`` and say where the log is.
+    """
+
+    name = "relayproxy"
+    process: subprocess.Popen[bytes] | None
+
+    @property
+    def log_path(self) -> Path:
+        raise NotImplementedError
+
+    def accepts_on(self, port: int) -> bool:
+        """Whether ``port`` accepts; a daemon that has exited fails the test with its output."""
+        assert self.process is not None
+        if self.process.poll() is not None:
+            output = self.process.stdout.read().decode() if self.process.stdout else ""
+            raise AssertionError(f"{self.name} exited {self.process.returncode}: {output}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except OSError:
+            return False
+        return True
+
+    def stop(self) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=30)
+        finally:
+            if self.process.stdout:
+                self.process.stdout.close()
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text()
+        except FileNotFoundError:
+            return ""
+
+    def log_lines(self, event: str) -> list[str]:
+        return [line for line in self.log().splitlines() if f" {event} " in f"{line} "]
+
+
 @dataclass
 class Listener:
     name: str
@@ -47,7 +92,7 @@ class Listener:
 
 
 @dataclass
-class Daemon:
+class Daemon(DaemonProcess):
     directory: Path
     store_settings: dict[str, str] = field(default_factory=dict)
     daemon_settings: dict[str, str] = field(default_factory=lambda: {"allow_root": "yes"})
@@ -105,38 +150,8 @@ class Daemon:
         )
         for listener in self.listeners:
             wait_for(
-                f"[listener:{listener.name}] to accept", lambda p=listener.port: self._accepts(p)
+                f"[listener:{listener.name}] to accept", lambda p=listener.port: self.accepts_on(p)
             )
-
-    def _accepts(self, port: int) -> bool:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            output = self.process.stdout.read().decode() if self.process.stdout else ""
-            raise AssertionError(f"relayproxy exited {self.process.returncode}: {output}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        except OSError:
-            return False
-        return True
-
-    def stop(self) -> int:
-        assert self.process is not None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=30)
-        finally:
-            if self.process.stdout:
-                self.process.stdout.close()
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text()
-        except FileNotFoundError:
-            return ""
-
-    def log_lines(self, event: str) -> list[str]:
-        return [line for line in self.log().splitlines() if f" {event} " in line]
 
     def entries(self) -> dict[str, str]:
         try:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import signal
 import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.daemon import free_port, wait_for
+from tests.daemon import DaemonProcess, free_port, wait_for
 
 
 def netstring(payload: bytes) -> bytes:
@@ -51,7 +50,8 @@ class MapClient:
 
 
 @dataclass
-class MapDaemon:
+class MapDaemon(DaemonProcess):
+    name = "relayproxy-map"
     directory: Path
     store: dict[str, str] = field(default_factory=dict)
     settings: dict[str, str] = field(default_factory=dict)
@@ -94,15 +94,7 @@ class MapDaemon:
         wait_for("map.start", lambda: self.log_lines("map.start"))
 
     def accepts(self) -> bool:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            output = self.process.stdout.read().decode() if self.process.stdout else ""
-            raise AssertionError(f"relayproxy-map exited {self.process.returncode}: {output}")
-        try:
-            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-        except OSError:
-            return False
-        return True
+        return self.accepts_on(self.port)
 
     def client(self) -> MapClient:
         return MapClient(self.port)
@@ -110,22 +102,3 @@ class MapDaemon:
     def signal(self, signum: int) -> None:
         assert self.process is not None
         self.process.send_signal(signum)
-
-    def stop(self) -> int:
-        assert self.process is not None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=30)
-        finally:
-            if self.process.stdout:
-                self.process.stdout.close()
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text()
-        except FileNotFoundError:
-            return ""
-
-    def log_lines(self, event: str) -> list[str]:
-        return [line for line in self.log().splitlines() if f" {event} " in f"{line} "]
