@@ -18,14 +18,13 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from relayproxy import systemd
-from relayproxy.cli.options import daemon_parser, parse
+from relayproxy.cli.options import daemon_parser, fail, parse, start_logs
 from relayproxy.config import (
     Config,
     ConfigError,
     load_config,
 )
 from relayproxy.descriptors import SessionBudget, plan_descriptors
-from relayproxy.logs import start_logging
 from relayproxy.privileges import PrivilegeError, become, target_identity
 from relayproxy.service import LISTEN_BACKLOG, ListenError, RelayProxyService, load_tls
 from relayproxy.tls import ListenerTLS, TLSConfigError
@@ -33,12 +32,6 @@ from relayproxy.workers import Supervisor, Worker, bind_listening
 
 PROG = "relayproxy"
 log = Logger(namespace="relayproxy")
-
-
-def _fail(lines: Sequence[str], status: int) -> int:
-    for line in lines:
-        print(f"{PROG}: {line}", file=sys.stderr)
-    return status
 
 
 def load(path: str) -> tuple[Config, dict[str, ListenerTLS]]:
@@ -74,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config, tls = load(path)
     except (ConfigError, TLSConfigError) as exc:
-        return _fail(exc.problems, 2)
+        return fail(PROG, exc.problems, 2)
     if options.check_config:
         for note in config_notes(config):
             print(f"{PROG}: {path}: note: {note}", file=sys.stderr)
@@ -84,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             worker = Worker.from_environment(options.worker, dict(os.environ))
         except ValueError as exc:
-            return _fail([str(exc)], 2)
+            return fail(PROG, [str(exc)], 2)
         os.setpgid(0, 0)  # a Ctrl-C in a terminal reaches the parent, which stops us in order
         return run(worker.share(config), tls, path, worker)
     if config.daemon.workers > 1:
@@ -97,7 +90,7 @@ def supervise(config: Config, path: str) -> int:
     try:
         target_identity(config.daemon)  # refuse now, not in every worker
     except PrivilegeError as exc:
-        return _fail([str(exc)], 2)
+        return fail(PROG, [str(exc)], 2)
     sockets = {}
     for listener in config.listeners:
         address = str(listener.listen)
@@ -106,11 +99,12 @@ def supervise(config: Config, path: str) -> int:
         try:
             sockets[address] = bind_listening(listener.listen, LISTEN_BACKLOG)
         except CannotListenError as exc:
-            return _fail([f"[listener:{listener.name}] listen {address}: {exc.socketError}"], 1)
-    try:
-        start_logging(config.log)
-    except OSError as exc:
-        return _fail([f"{config.source}: [log] target: {config.log.target}: {exc.strerror}"], 1)
+            return fail(
+                PROG, [f"[listener:{listener.name}] listen {address}: {exc.socketError}"], 1
+            )
+    failed = start_logs(PROG, config)
+    if failed is not None:
+        return failed
     supervisor = Supervisor(config, path, reactor, sockets)
     reactor.callWhenRunning(supervisor.start)
     reactor.run()
@@ -123,7 +117,7 @@ def run(
     try:
         identity = target_identity(config.daemon)
     except PrivilegeError as exc:
-        return _fail([str(exc)], 2)
+        return fail(PROG, [str(exc)], 2)
     # Before anything is opened: the soft limit may have to grow first.
     descriptors = plan_descriptors(sum(listener.max_connections for listener in config.listeners))
     service = RelayProxyService(
@@ -132,16 +126,15 @@ def run(
     try:
         service.listen()
     except ListenError as exc:
-        return _fail([str(exc)], 1)
-    try:
-        start_logging(config.log)  # the log file is opened before the switch
-    except OSError as exc:
-        return _fail([f"{config.source}: [log] target: {config.log.target}: {exc.strerror}"], 1)
+        return fail(PROG, [str(exc)], 1)
+    failed = start_logs(PROG, config)  # the log file is opened before the switch
+    if failed is not None:
+        return failed
     if identity is not None:
         try:
             become(identity)
         except (OSError, PrivilegeError) as exc:
-            return _fail([f"cannot become {identity.user}:{identity.group}: {exc}"], 1)
+            return fail(PROG, [f"cannot become {identity.user}:{identity.group}: {exc}"], 1)
         log.info(
             "daemon.identity user={user} group={group}", user=identity.user, group=identity.group
         )

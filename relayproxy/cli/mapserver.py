@@ -16,25 +16,18 @@ from twisted.logger import Logger
 
 from relayproxy import systemd
 from relayproxy.cli.daemon import tell_systemd
-from relayproxy.cli.options import daemon_parser, parse
+from relayproxy.cli.options import daemon_parser, fail, parse, start_logs
 from relayproxy.config import (
     Config,
     ConfigError,
     load_config,
 )
-from relayproxy.logs import start_logging
 from relayproxy.mapserver import MapService
 from relayproxy.privileges import PrivilegeError, become, target_identity
 from relayproxy.service import ListenError
 
 PROG = "relayproxy-map"
 log = Logger(namespace="relayproxy")
-
-
-def _fail(lines: Sequence[str], status: int) -> int:
-    for line in lines:
-        print(f"{PROG}: {line}", file=sys.stderr)
-    return status
 
 
 def load(path: str) -> Config:
@@ -55,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load(path)
     except ConfigError as exc:
-        return _fail(exc.problems, 2)
+        return fail(PROG, exc.problems, 2)
     if options.check_config:
         print(f"{PROG}: {path}: OK, answering on {config.map.listen}")
         return 0
@@ -66,21 +59,20 @@ def run(config: Config, path: str) -> int:
     try:
         identity = target_identity(config.daemon)
     except PrivilegeError as exc:
-        return _fail([str(exc)], 2)
+        return fail(PROG, [str(exc)], 2)
     service = MapService(config, reactor)
     try:
         service.listen()
     except ListenError as exc:
-        return _fail([str(exc)], 1)
-    try:
-        start_logging(config.log)  # the log file is opened before the switch
-    except OSError as exc:
-        return _fail([f"{config.source}: [log] target: {config.log.target}: {exc.strerror}"], 1)
+        return fail(PROG, [str(exc)], 1)
+    failed = start_logs(PROG, config)  # the log file is opened before the switch
+    if failed is not None:
+        return failed
     if identity is not None:
         try:
             become(identity)
         except (OSError, PrivilegeError) as exc:
-            return _fail([f"cannot become {identity.user}:{identity.group}: {exc}"], 1)
+            return fail(PROG, [f"cannot become {identity.user}:{identity.group}: {exc}"], 1)
         log.info(
             "daemon.identity user={user} group={group}", user=identity.user, group=identity.group
         )

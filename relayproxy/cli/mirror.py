@@ -17,13 +17,12 @@ from twisted.logger import Logger
 
 from relayproxy import systemd
 from relayproxy.cli.daemon import tell_systemd
-from relayproxy.cli.options import daemon_parser, parse
+from relayproxy.cli.options import daemon_parser, fail, parse, start_logs
 from relayproxy.config import (
     Config,
     ConfigError,
     load_config,
 )
-from relayproxy.logs import start_logging
 from relayproxy.mirror_service import MirrorLoop, build_mirror
 from relayproxy.redis_store import display_name
 
@@ -49,9 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load(path)
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"{PROG}: {problem}", file=sys.stderr)
-        return 2
+        return fail(PROG, exc.problems, 2)
     if options.check_config:
         print(f"{PROG}: {path}: OK, {display_name(config.store)} -> {config.mirror.path}")
         return 0
@@ -59,12 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(config: Config, path: str) -> int:
-    try:
-        start_logging(config.log)
-    except OSError as exc:
-        message = f"{config.source}: [log] target: {config.log.target}: {exc.strerror}"
-        print(f"{PROG}: {message}", file=sys.stderr)
-        return 1
+    failed = start_logs(PROG, config)
+    if failed is not None:
+        return failed
     loop = MirrorLoop(build_mirror(config), reactor, expire_interval=config.mirror.expire_interval)
     log.info(
         "mirror.start redis={redis} stream={stream} path={path}",
