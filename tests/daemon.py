@@ -84,6 +84,35 @@ class DaemonProcess:
         return [line for line in self.log().splitlines() if f" {event} " in f"{line} "]
 
 
+def told_pop3_login(
+    port: int,
+    source: str,
+    *,
+    timeout: float = 10.0,
+    pass_sent: Callable[[], None] | None = None,
+) -> bool:
+    """A raw POP3 login as alice from ``source``: whether the client was told +OK.
+
+    ``pass_sent`` runs once PASS is on the wire, before its answer is read
+    (a test may kill the daemon then).
+    """
+    with socket.create_connection(
+        ("127.0.0.1", port), timeout=timeout, source_address=(source, 0)
+    ) as connection:
+        replies = connection.makefile("rb")
+        if not replies.readline().startswith(b"+OK"):
+            return False
+        connection.sendall(b"USER alice\r\n")
+        if not replies.readline().startswith(b"+OK"):
+            return False
+        connection.sendall(b"PASS alice-secret\r\n")
+        if pass_sent is not None:
+            pass_sent()
+        told = replies.readline().startswith(b"+OK")
+        connection.sendall(b"QUIT\r\n")
+        return told
+
+
 @dataclass
 class Listener:
     name: str

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import random
 import signal
-import socket
 import threading
 from pathlib import Path
 
 from demo.dovecot import Dovecot
-from tests.daemon import Daemon
+from tests.daemon import Daemon, told_pop3_login
 
 KILLS = 200
 
@@ -40,26 +39,10 @@ class LoginLoop(threading.Thread):
             self.attempts += 1
             source = f"127.10.{self.attempts // 250 % 250 + 1}.{self.attempts % 250 + 1}"
             try:
-                if self._login(source):
+                if told_pop3_login(self.port, source, timeout=5, pass_sent=self.pass_sent.release):
                     self.told_success.append(source)
             except OSError:
                 pass  # the daemon is down or was killed mid-dialogue: next address
-
-    def _login(self, source: str) -> bool:
-        with socket.create_connection(
-            ("127.0.0.1", self.port), timeout=5, source_address=(source, 0)
-        ) as connection:
-            replies = connection.makefile("rb")
-            if not replies.readline().startswith(b"+OK"):
-                return False
-            connection.sendall(b"USER alice\r\n")
-            if not replies.readline().startswith(b"+OK"):
-                return False
-            connection.sendall(b"PASS alice-secret\r\n")
-            self.pass_sent.release()
-            told = replies.readline().startswith(b"+OK")
-            connection.sendall(b"QUIT\r\n")
-            return told
 
 
 def test_no_login_told_success_is_lost_across_sigkills(tmp_path: Path, dovecot: Dovecot) -> None:

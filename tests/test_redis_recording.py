@@ -11,30 +11,12 @@ the spool let go of).
 from __future__ import annotations
 
 import signal
-import socket
 import threading
 import time
 
 from demo.dovecot import Dovecot
 from demo.redis_servers import RedisGroup, RedisServer, client
-from tests.daemon import Daemon, wait_for
-
-
-def pop3_login(port: int, source: str) -> bool:
-    """A POP3 login as alice from ``source``: whether the client was told +OK."""
-    with socket.create_connection(
-        ("127.0.0.1", port), timeout=10, source_address=(source, 0)
-    ) as connection:
-        replies = connection.makefile("rb")
-        if not replies.readline().startswith(b"+OK"):
-            return False
-        connection.sendall(b"USER alice\r\n")
-        if not replies.readline().startswith(b"+OK"):
-            return False
-        connection.sendall(b"PASS alice-secret\r\n")
-        told = replies.readline().startswith(b"+OK")
-        connection.sendall(b"QUIT\r\n")
-        return told
+from tests.daemon import Daemon, told_pop3_login, wait_for
 
 
 def pop3_listener(daemon: Daemon, dovecot: Dovecot) -> int:
@@ -61,7 +43,7 @@ def test_logins_through_the_daemon_land_in_redis(
     port = pop3_listener(daemon, dovecot)
     daemon.start()
     before = int(time.time())
-    assert pop3_login(port, "127.11.0.1")
+    assert told_pop3_login(port, "127.11.0.1")
     value = int(wait_for("the login in Redis", lambda: client(redis_server.port).get("127.11.0.1")))
     assert before <= value <= time.time()
     expires = client(redis_server.port).execute_command("EXPIRETIME", "127.11.0.1")
@@ -78,17 +60,17 @@ def test_no_login_is_lost_while_redis_restarts(
     daemon.store_settings = {"backend": "redis", "redis_url": redis_server.url}
     port = pop3_listener(daemon, dovecot)
     daemon.start()
-    assert pop3_login(port, "127.12.0.1")
+    assert told_pop3_login(port, "127.12.0.1")
     all_in_redis(redis_server.port, ["127.12.0.1"])
     redis_server.stop()
     # Redis down: the proxy keeps serving, the logins wait in the spool.
     during = [f"127.12.1.{n}" for n in range(1, 41)]
     for source in during[:20]:
-        assert pop3_login(port, source)
+        assert told_pop3_login(port, source)
     error = daemon.wait_for_log("store.error")
     assert "cannot reach Redis" in error
     for source in during[20:]:
-        assert pop3_login(port, source)
+        assert told_pop3_login(port, source)
     assert len(daemon.log_lines("store.error")) == 1  # once per burst
     redis_server.start()  # same port, empty: nothing was saved
     all_in_redis(redis_server.port, during)
@@ -104,16 +86,16 @@ def test_a_reload_moves_recording_between_the_file_and_redis(
     port = pop3_listener(daemon, dovecot)
     daemon.start()
     redis_server.stop()
-    assert pop3_login(port, "127.14.0.1")  # waits in the spool: Redis is down
+    assert told_pop3_login(port, "127.14.0.1")  # waits in the spool: Redis is down
     daemon.wait_for_log("store.error")
     reload(daemon, {"backend": "file"})
-    assert pop3_login(port, "127.14.0.2")
+    assert told_pop3_login(port, "127.14.0.2")
     # What was pending for Redis goes to the store the reload named.
     daemon.wait_for_record("127.14.0.1")
     daemon.wait_for_record("127.14.0.2")
     redis_server.start()
     reload(daemon, {"backend": "redis", "redis_url": redis_server.url})
-    assert pop3_login(port, "127.14.0.3")
+    assert told_pop3_login(port, "127.14.0.3")
     all_in_redis(redis_server.port, ["127.14.0.3"])
     assert "127.14.0.3" not in daemon.entries()
     assert missing_from(redis_server.port, ["127.14.0.1"]) == ["127.14.0.1"]
@@ -148,7 +130,7 @@ def test_no_login_told_success_is_lost_across_a_sentinel_failover(
         while not stopping.is_set():
             n += 1
             source = f"127.13.{n // 250}.{n % 250 + 1}"
-            if pop3_login(port, source):
+            if told_pop3_login(port, source):
                 told.append(source)
 
     loop = threading.Thread(target=logins, daemon=True)
