@@ -82,7 +82,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # for demo/, which is not an installed package
 
 from demo.dovecot import DEMO_USERS, running_dovecot
-from relayproxy.spool import SPOOL_SUFFIXES, Spool
+from relayproxy.spool import Spool, spool_paths
 
 PROTOCOLS = ("pop3", "imap")
 SIDES = ("baseline", "spool")
@@ -100,11 +100,7 @@ LOGIN_ONLY = {protocol: functools.partial(login, browse=False) for protocol, log
 
 
 def spool_files(daemon: Relayproxy) -> list[str]:
-    return [
-        str(daemon.db) + suffix
-        for suffix in SPOOL_SUFFIXES
-        if Path(f"{daemon.db}{suffix}").exists()
-    ]
+    return [path for path in spool_paths(str(daemon.db)) if Path(path).exists()]
 
 
 # --- figures -------------------------------------------------------------------------------

@@ -51,7 +51,6 @@ from typing import TYPE_CHECKING, Final
 if TYPE_CHECKING:
     from relayproxy.stores import Store
 
-SPOOL_SUFFIXES: Final = (".spool-a", ".spool-b")
 _MODE: Final = 0o640
 
 
